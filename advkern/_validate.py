@@ -1,0 +1,119 @@
+"""Input checks shared by the reference and the public API (one place, one wording)."""
+
+import numbers
+
+import numpy as np
+
+from .errors import AdvkernError, ShapeError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_float_array(x, name="x", ndim=None, finite=True):
+    """Return ``x`` as a float32/float64 ndarray (no copy), or raise naming the problem."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise AdvkernError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ShapeError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    if finite and not np.all(np.isfinite(x)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise AdvkernError(f"{name} contains {bad} NaN/Inf value(s)")
+    return x
+
+
+def check_labels(y, n, num_classes, name="y"):
+    """Return integer labels of shape (n,) in [0, num_classes), or raise.
+
+    A binary model (one logit) has num_classes == 2.
+    """
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise AdvkernError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.shape != (n,):
+        raise ShapeError(f"{name} must have shape ({n},), got {y.shape}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise AdvkernError(
+            f"{name} out of range: labels must be in [0, {num_classes - 1}], "
+            f"got min {y.min()} max {y.max()}")
+    return y.astype(np.int64, copy=False)
+
+
+def check_positive(value, name, allow_zero=False):
+    """Return ``value`` as a float, or raise if not finite and > 0 (>= 0 with allow_zero)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AdvkernError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        op = ">= 0" if allow_zero else "> 0"
+        raise AdvkernError(f"{name} must be finite and {op}, got {value!r}")
+    return v
+
+
+def check_int(value, name, minimum=1):
+    """Return ``value`` as an int >= minimum, or raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise AdvkernError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise AdvkernError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_box(clip):
+    """(lo, hi) with lo < hi, both finite, or raise."""
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise AdvkernError(f"clip must be a pair (lo, hi), got {clip!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo >= hi:
+        raise AdvkernError(f"clip bounds must be finite with lo < hi, got lo={lo} hi={hi}")
+    return lo, hi
+
+
+def check_batch(model, x, y, clip=(0.0, 1.0), name="x"):
+    """Validate an attack's inputs; return (x, y, (lo, hi)).
+
+    x: (N, *model.input_shape) float32/float64, finite, inside [lo, hi];
+    y: (N,) integer labels in [0, model.num_classes). Nothing is copied or modified.
+    """
+    x = model.check_input(x, name)
+    lo, hi = check_box(clip)
+    if x.size and (x.min() < lo or x.max() > hi):
+        raise AdvkernError(f"{name} outside the valid box [{lo}, {hi}]: "
+                           f"min {x.min():.6g}, max {x.max():.6g}")
+    y = check_labels(y, len(x), model.num_classes)
+    return x, y, (lo, hi)
+
+
+def check_targets(target, y, num_classes):
+    """Targets (N,) for a targeted attack: required, in range, and != the true label."""
+    if target is None:
+        raise AdvkernError("a targeted attack needs target labels (target=...)")
+    t = check_labels(np.broadcast_to(np.asarray(target), y.shape) if np.ndim(target) == 0
+                     else target, len(y), num_classes, name="target")
+    same = np.flatnonzero(t == y)
+    if same.size:
+        raise AdvkernError(f"target equals the true label for {same.size} image(s) "
+                           f"(first at index {same[0]})")
+    return t
+
+
+def per_sample_rngs(seed, n):
+    """One independent generator per image, so a batch's result equals each image's own.
+
+    seed: an int s (image i draws from default_rng([s, i])) or a sequence of n ints
+    (image i draws from default_rng(seed[i])). A per-sample run of image i therefore
+    reproduces the batch run with seed=[seed_i].
+    """
+    if np.ndim(seed) == 0:
+        s = check_int(int(seed) if isinstance(seed, (np.integer,)) else seed, "seed", minimum=0)
+        return [np.random.default_rng([s, i]) for i in range(n)]
+    seeds = np.asarray(seed)
+    if seeds.shape != (n,) or seeds.dtype.kind not in "iu" or (n and seeds.min() < 0):
+        raise AdvkernError(f"seed must be a non-negative int or {n} non-negative ints, "
+                           f"got shape {seeds.shape} dtype {seeds.dtype}")
+    return [np.random.default_rng(int(s)) for s in seeds]

@@ -1,0 +1,1 @@
+"""Bundled data files for advkern.nets (see MNIST_LICENSE.txt)."""

@@ -1,0 +1,51 @@
+"""Bundled models: the named architectures trained on the bundled MNIST split, cached on disk.
+
+``pretrained(name)`` trains on first use (the recipe in ``architectures.RECIPES``, seeded)
+and caches the weight file under ``$ADVKERN_CACHE`` (default ``~/.cache/advkern``); later
+calls load the file. The cache key holds the architecture, seed, recipe and library version,
+so a changed recipe never serves stale weights.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .. import __version__
+from .architectures import ARCHITECTURES, RECIPES, build
+from .datasets import load_mnist
+from .io import load, save
+from .train import train
+
+
+def cache_dir():
+    d = Path(os.environ.get("ADVKERN_CACHE", Path.home() / ".cache" / "advkern"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cache_path(name, seed=0, **train_kw):
+    key = json.dumps({"name": name, "seed": seed, "recipe": {**RECIPES[name], **train_kw},
+                      "version": __version__}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / f"{name}-s{seed}-{digest}.npz"
+
+
+def pretrained(name, seed=0, progress=None, refresh=False, **train_kw):
+    """A bundled architecture trained on the bundled train split (cached). Returns a model.
+
+    train_kw override the recipe (e.g. adversarial="fgsm", eps=0.1 for an adversarially
+    trained model; they are part of the cache key).
+    """
+    if name not in ARCHITECTURES:
+        build(name)  # raises the unknown-architecture error
+    path = cache_path(name, seed, **train_kw)
+    if path.exists() and not refresh:
+        return load(path)
+    x, y = load_mnist("train")
+    model, _ = train(build(name, seed=seed), x, y, seed=seed, progress=progress,
+                     **{**RECIPES[name], **train_kw})
+    tmp = path.with_suffix(".tmp.npz")
+    save(model, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written file
+    return model

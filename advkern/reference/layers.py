@@ -1,0 +1,203 @@
+"""Forward and backward passes of every layer, in plain NumPy: the executable specification.
+
+Functional shape (cs231n): ``forward(x, ...) -> (out, cache)`` and
+``backward(dout, cache) -> (dx, grads)`` where ``grads`` is a dict of parameter
+gradients (empty for layers without parameters). The output dtype equals the
+input dtype; nothing here modifies its arguments.
+
+Layouts (the same as PyTorch, so weights map one to one):
+
+- activations NCHW: ``(N, C, H, W)``; dense activations ``(N, D)``;
+- dense weight ``w``: ``(D_in, D_out)`` (PyTorch ``nn.Linear.weight`` is ``(out, in)``: transpose);
+- conv weight ``w``: ``(F, C, KH, KW)`` (PyTorch ``nn.Conv2d.weight`` as is); bias ``(F,)``;
+- flatten: C order over ``(C, H, W)`` (PyTorch ``torch.flatten(x, 1)``).
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# ----------------------------------------------------------------------------- dense
+
+
+def dense_forward(x, w, b):
+    """Affine layer ``out = x @ w + b``.
+
+    x: (N, D), w: (D, M), b: (M,) -> out: (N, M). 2*N*D*M FLOPs.
+    """
+    out = x @ w + b
+    return out, (x, w)
+
+
+def dense_backward(dout, cache):
+    """dout: (N, M) -> dx: (N, D), grads {"w": (D, M), "b": (M,)}."""
+    x, w = cache
+    return dout @ w.T, {"w": x.T @ dout, "b": dout.sum(axis=0)}
+
+
+# ----------------------------------------------------------------------------- conv
+
+
+def resolve_padding(padding, in_hw, kernel, stride):
+    """Explicit pads ``(top, bottom, left, right)`` for a padding spec.
+
+    padding: 'valid' (no padding), 'same' (TensorFlow's rule: output size ceil(H / stride),
+    the odd pixel of padding at the bottom/right), an int p (p on every side), a pair
+    (ph, pw) (ph top and bottom, pw left and right) or a 4-tuple (top, bottom, left, right).
+    """
+    (h, w), (kh, kw), (sh, sw) = in_hw, kernel, stride
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            pads = []
+            for size, k, s in ((h, kh, sh), (w, kw, sw)):
+                total = max((-(-size // s) - 1) * s + k - size, 0)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)
+        raise ValueError(f"unknown padding {padding!r}: use 'same', 'valid' or integers")
+    p = (padding,) if np.isscalar(padding) else tuple(padding)
+    if len(p) == 1:
+        p = p * 4
+    elif len(p) == 2:
+        p = (p[0], p[0], p[1], p[1])
+    if len(p) != 4 or any(int(v) != v or v < 0 for v in p):
+        raise ValueError(f"padding must be non-negative integers, got {padding!r}")
+    return tuple(int(v) for v in p)
+
+
+def conv_output_hw(in_hw, kernel, stride, pads):
+    """Output (H_out, W_out) = floor((H + pad_t + pad_b - KH) / stride) + 1 per axis."""
+    (h, w), (kh, kw), (sh, sw) = in_hw, kernel, stride
+    t, b, l, r = pads
+    return (h + t + b - kh) // sh + 1, (w + l + r - kw) // sw + 1
+
+
+def _pad(x, pads):
+    t, b, l, r = pads
+    if not any(pads):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+
+
+def _windows(xp, kernel, stride):
+    """Strided view (N, C, H_out, W_out, KH, KW) of the padded input: im2col without a copy."""
+    v = sliding_window_view(xp, kernel, axis=(2, 3))
+    return v[:, :, :: stride[0], :: stride[1]]
+
+
+def conv2d_forward(x, w, b, stride=(1, 1), pads=(0, 0, 0, 0)):
+    """2-D cross-correlation (what deep-learning frameworks call convolution).
+
+    out[n, f, i, j] = b[f] + sum_{c, u, v} w[f, c, u, v] * xp[n, c, i*sh + u, j*sw + v]
+    where xp is x zero-padded by ``pads`` = (top, bottom, left, right).
+
+    x: (N, C, H, W), w: (F, C, KH, KW), b: (F,) -> out: (N, F, H_out, W_out).
+    2*N*F*C*KH*KW*H_out*W_out FLOPs.
+    """
+    kernel = w.shape[2:]
+    xp = _pad(x, pads)
+    cols = _windows(xp, kernel, stride)
+    # tensordot contracts (C, KH, KW) with one GEMM: (N*Ho*Wo, C*KH*KW) @ (C*KH*KW, F).
+    out = np.tensordot(cols, w, axes=([1, 4, 5], [1, 2, 3]))
+    out = out.transpose(0, 3, 1, 2) + b[:, None, None]
+    return np.ascontiguousarray(out), (x.shape, xp, w, stride, pads)
+
+
+def conv2d_backward(dout, cache):
+    """dout: (N, F, H_out, W_out) -> dx: (N, C, H, W), grads {"w": (F, C, KH, KW), "b": (F,)}."""
+    x_shape, xp, w, stride, pads = cache
+    f, c, kh, kw = w.shape
+    sh, sw = stride
+    ho, wo = dout.shape[2:]
+    cols = _windows(xp, (kh, kw), stride)
+    dw = np.tensordot(dout, cols, axes=([0, 2, 3], [0, 2, 3]))
+    db = dout.sum(axis=(0, 2, 3))
+    dxp = np.zeros_like(xp)
+    # col2im as KH*KW strided scatter-adds: each kernel tap (u, v) sends dout back through
+    # w[:, :, u, v] to the input pixels it read; no two outputs of one tap share an input.
+    for u in range(kh):
+        for v in range(kw):
+            contrib = np.tensordot(w[:, :, u, v], dout, axes=([0], [1]))  # (C, N, Ho, Wo)
+            dxp[:, :, u: u + sh * (ho - 1) + 1: sh, v: v + sw * (wo - 1) + 1: sw] += \
+                contrib.transpose(1, 0, 2, 3)
+    t, b_, l, r = pads
+    dx = dxp[:, :, t: t + x_shape[2], l: l + x_shape[3]]
+    return np.ascontiguousarray(dx), {"w": dw, "b": db}
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def maxpool2d_forward(x, kernel=(2, 2), stride=(2, 2)):
+    """Max pooling without padding (floor mode).
+
+    out[n, c, i, j] = max_{u, v} x[n, c, i*sh + u, j*sw + v]
+    x: (N, C, H, W) -> out: (N, C, (H - KH) // sh + 1, (W - KW) // sw + 1).
+    The gradient goes to the first maximal element of each window (row-major), as in PyTorch.
+    """
+    cols = _windows(x, kernel, stride)
+    n, c, ho, wo = cols.shape[:4]
+    flat = cols.reshape(n, c, ho, wo, -1)
+    arg = flat.argmax(axis=-1)
+    out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    return out, (x.shape, arg, tuple(kernel), tuple(stride))
+
+
+def maxpool2d_backward(dout, cache):
+    """dout: (N, C, H_out, W_out) -> dx: (N, C, H, W), grads {}."""
+    x_shape, arg, (kh, kw), (sh, sw) = cache
+    ho, wo = dout.shape[2:]
+    dx = np.zeros(x_shape, dtype=dout.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            hit = np.where(arg == u * kw + v, dout, 0)
+            dx[:, :, u: u + sh * (ho - 1) + 1: sh, v: v + sw * (wo - 1) + 1: sw] += hit
+    return dx, {}
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def relu_forward(x):
+    """out = max(x, 0). Any shape. The derivative at exactly 0 is taken as 0."""
+    mask = x > 0
+    return np.where(mask, x, 0).astype(x.dtype, copy=False), mask
+
+
+def relu_backward(dout, cache):
+    return np.where(cache, dout, 0).astype(dout.dtype, copy=False), {}
+
+
+def tanh_forward(x):
+    """out = tanh(x); d out / dx = 1 - out^2. Any shape."""
+    out = np.tanh(x)
+    return out, out
+
+
+def tanh_backward(dout, cache):
+    return dout * (1 - cache * cache), {}
+
+
+def sigmoid_forward(x):
+    """out = 1 / (1 + exp(-x)), computed as exp(-log(1 + exp(-x))) so no exp overflows.
+
+    d out / dx = out * (1 - out). Any shape.
+    """
+    out = np.exp(-np.logaddexp(0, -x)).astype(x.dtype, copy=False)
+    return out, out
+
+
+def sigmoid_backward(dout, cache):
+    return dout * cache * (1 - cache), {}
+
+
+# ----------------------------------------------------------------------------- reshape
+
+
+def flatten_forward(x):
+    """x: (N, ...) -> (N, prod(...)) in C order."""
+    return x.reshape(x.shape[0], -1), x.shape
+
+
+def flatten_backward(dout, cache):
+    return dout.reshape(cache), {}
