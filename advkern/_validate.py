@@ -105,14 +105,19 @@ def check_targets(target, y, num_classes):
 def per_sample_rngs(seed, n):
     """One independent generator per image, so a batch's result equals each image's own.
 
-    seed: an int s (image i draws from default_rng([s, i])) or a sequence of n ints
-    (image i draws from default_rng(seed[i])). A per-sample run of image i therefore
-    reproduces the batch run with seed=[seed_i].
+    seed: an int s (image i draws from default_rng([s, i])), a sequence of n ints
+    (image i draws from default_rng(seed[i])), or an (n, 2) int array of pairs (image i
+    draws from default_rng(list(seed[i]))). A per-sample run of image i therefore
+    reproduces the batch run with seed=[seed_i], and a slice x[a:b] of a batch attacked
+    with int seed s reproduces it with seed=[[s, a], ..., [s, b - 1]].
     """
     if np.ndim(seed) == 0:
         s = check_int(int(seed) if isinstance(seed, (np.integer,)) else seed, "seed", minimum=0)
         return [np.random.default_rng([s, i]) for i in range(n)]
     seeds = np.asarray(seed)
+    if seeds.ndim == 2 and seeds.shape == (n, 2) and seeds.dtype.kind in "iu" and \
+            (n == 0 or seeds.min() >= 0):
+        return [np.random.default_rng([int(a), int(b)]) for a, b in seeds]
     if seeds.shape != (n,) or seeds.dtype.kind not in "iu" or (n and seeds.min() < 0):
         raise AdvkernError(f"seed must be a non-negative int or {n} non-negative ints, "
                            f"got shape {seeds.shape} dtype {seeds.dtype}")

@@ -69,6 +69,293 @@ def cmd_info(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- attacks
+
+
+def _model(spec, quiet=False):
+    """A model from a bundled architecture name (trained and cached on first use) or a file."""
+    from .nets import ARCHITECTURES, load_model
+    from .nets.zoo import pretrained
+
+    if spec in ARCHITECTURES:
+        return pretrained(spec, progress=None if not quiet else False)
+    return load_model(spec)
+
+
+def _data(args, model=None):
+    """(x, y) from --data FILE.npz (arrays x, y) or the bundled test split; first --n images."""
+    import numpy as np
+
+    from ._validate import check_int
+    from .nets.datasets import load_mnist
+
+    if getattr(args, "data", None):
+        z = _npz(args.data)
+        if "x" not in z or "y" not in z:
+            raise AdvkernError(f"{args.data}: needs arrays 'x' and 'y', has {sorted(z)}")
+        x, y = z["x"], z["y"]
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255
+        if model is not None and x.ndim == len(model.input_shape):
+            x = x.reshape(len(x), *model.input_shape)
+    else:
+        x, y = load_mnist("test", dtype=np.float64 if getattr(args, "dtype", None) == "float64"
+                          else np.float32)
+    if args.n is not None:
+        n = check_int(args.n, "--n")
+        if n > len(x):
+            raise AdvkernError(f"--n {n} exceeds the {len(x)} images available")
+        x, y = x[:n], y[:n]
+    return x, y
+
+
+def _npz(path):
+    """All arrays of an .npz file (no pickle); a defect is one AdvkernError line."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise AdvkernError(f"{path}: not an .npz archive")
+            return {k: z[k] for k in z.files}
+    except (FileNotFoundError, IsADirectoryError, AdvkernError):
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise AdvkernError(f"{path}: not a readable .npz ({e})") from None
+
+
+def _json_safe(obj):
+    """NaN/inf -> None so the output is strict JSON (jq, JSON.parse)."""
+    import math
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _attack_kwargs(args):
+    target = args.target
+    if target is not None and target != "next":
+        try:
+            target = int(target)
+        except ValueError:
+            raise AdvkernError(f"--target must be a class index or 'next', got {target!r}") from None
+    kw = {"eps": args.eps, "alpha": args.alpha, "steps": args.steps, "norm": args.norm,
+          "loss": args.loss, "theta": args.theta, "gamma": args.gamma, "pixels": args.pixels,
+          "popsize": args.popsize, "generations": args.generations}
+    if args.random_start:
+        kw["random_start"] = True
+    if args.restarts is not None:
+        kw["restarts"] = args.restarts
+    if args.early_stop:
+        kw["early_stop"] = True
+    if args.targeted or args.attack in ("jsma", "jsma1"):
+        kw["targeted"] = True
+        kw["target"] = target if target is not None else ("next" if args.attack.startswith("jsma") else None)
+    elif target is not None:
+        raise AdvkernError("--target needs --targeted")
+    return kw
+
+
+def _fmt(v, pct=False):
+    import math
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%" if pct else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def _scalar_metrics(m):
+    return {k: v for k, v in m.items() if not hasattr(v, "shape")}
+
+
+def cmd_attack(args):
+    import json
+
+    import numpy as np
+
+    from .attacks import run_attack
+
+    model = _model(args.model, args.json)
+    x, y = _data(args, model)
+    run = run_attack(model, x, y, args.attack, seed=args.seed, progress=None if not args.json
+                     else False, **_attack_kwargs(args))
+    m = run.metrics
+    if args.out:
+        extra = {f"info_{k}": v for k, v in run.info.items()}
+        np.savez_compressed(args.out, x=x, x_adv=run.x_adv, y=y, pred=m["pred"],
+                            pred_adv=m["pred_adv"], success=m["success"], l0=m["l0"],
+                            l2=m["l2"], linf=m["linf"],
+                            params=np.array(json.dumps(run.params, default=str)), **extra)
+    if args.png:
+        _panels(model, x, y, run.x_adv, args.png, args.png_max)
+    if args.json:
+        print(json.dumps(_json_safe({"model": args.model, "params": run.params,
+                                     "metrics": _scalar_metrics(m), "seconds": run.seconds}),
+                         default=str))
+        return 0
+    print(f"{args.attack} on {args.model}: {len(x)} images, {run.seconds:.2f} s "
+          f"({1000 * run.seconds / max(len(x), 1):.2f} ms/image)")
+    print(_table(["clean acc", "adv acc", "success", "success | correct", "mean L0", "mean L2",
+                  "mean Linf"],
+                 [(_fmt(m["clean_accuracy"], True), _fmt(m["adversarial_accuracy"], True),
+                   _fmt(m["success_rate"], True), _fmt(m["success_rate_on_correct"], True),
+                   _fmt(m["mean_l0"]), _fmt(m["mean_l2"]), _fmt(m["mean_linf"]))]))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _panels(model, x, y, x_adv, folder, limit):
+    """The classic figure per image: original, perturbation (magnified), adversarial."""
+    import os
+
+    import numpy as np
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AdvkernError("--png needs matplotlib: pip install 'advkern[plot]'") from None
+    from .reference.losses import softmax
+
+    os.makedirs(folder, exist_ok=True)
+    n = min(len(x), limit)
+    p0, p1 = softmax(model.logits(x[:n])), softmax(model.logits(x_adv[:n]))
+    for i in range(n):
+        img = lambda a: a[i].transpose(1, 2, 0).squeeze()  # noqa: E731
+        d = img(x_adv) - img(x)
+        m = np.abs(d).max() or 1.0
+        fig, ax = plt.subplots(1, 3, figsize=(7.5, 2.8))
+        ax[0].imshow(img(x), cmap="gray", vmin=0, vmax=1)
+        ax[0].set_title(f"{p0[i].argmax()} ({100 * p0[i].max():.1f}%)  [true {y[i]}]", fontsize=9)
+        ax[1].imshow(d, cmap="seismic", vmin=-m, vmax=m)
+        ax[1].set_title(f"perturbation (x{1 / m:.3g})", fontsize=9)
+        ax[2].imshow(img(x_adv), cmap="gray", vmin=0, vmax=1)
+        ax[2].set_title(f"{p1[i].argmax()} ({100 * p1[i].max():.1f}%)", fontsize=9)
+        for a in ax:
+            a.axis("off")
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, f"panel_{i:04d}.png"), dpi=90)
+        plt.close(fig)
+
+
+def cmd_grad(args):
+    import numpy as np
+
+    from .reference.network import forward, jacobian, loss_and_input_grad
+
+    model = _model(args.model)
+    x, y = _data(args, model)
+    dt = np.dtype(args.dtype)
+    x = x.astype(dt)
+    logits, _ = forward(model, x)
+    loss, g = loss_and_input_grad(model, x, y, args.loss)
+    jac = jacobian(model, x)
+    np.savez_compressed(args.out, x=x, y=y, logits=logits, loss=loss, grad=g, jacobian=jac,
+                        loss_name=np.array(args.loss))
+    print(f"wrote {args.out}: logits {logits.shape}, grad {g.shape}, jacobian {jac.shape} "
+          f"({dt}; grad is d(sum of per-image {args.loss} losses)/dx)")
+    return 0
+
+
+def cmd_verify(args):
+    import json
+
+    import numpy as np
+
+    from .attacks import run_attack
+    from .verify import compare
+
+    model = _model(args.model, args.json)
+    cand = _npz(args.candidate)
+    if "x_adv" not in cand:
+        raise AdvkernError(f"{args.candidate}: needs an array 'x_adv', has {sorted(cand)}")
+    if "x" in cand and "y" in cand:
+        x, y = cand["x"], cand["y"]
+    else:
+        args.n = len(cand["x_adv"]) if args.n is None else args.n
+        x, y = _data(args, model)
+    kw = _attack_kwargs(args)
+    ours = run_attack(model, x.astype(cand["x_adv"].dtype, copy=False)
+                      if cand["x_adv"].dtype.kind == "f" else x, y, args.attack, seed=args.seed,
+                      progress=False, **kw)
+    report = compare(model, x, y, ours, cand["x_adv"], args.attack, kw, args.tie_rtol)
+    if args.json:
+        print(json.dumps(_json_safe(report), default=float))
+        return 0 if report["summary"]["agree"] else 1
+    rows = [(r["index"], r["max_abs_diff"], f"{100 * r['frac_equal']:.2f}%", r["n_diff"],
+             r["n_tie"] if r["n_tie"] is not None else "n/a")
+            for r in report["images"][: args.show]]
+    print(_table(["image", "max |diff|", "pixels equal", "pixels differ", "of which sign ties"],
+                 rows))
+    s = report["summary"]
+    print(f"\n{s['images_identical']}/{s['n']} images identical; max |diff| {s['max_abs_diff']:.3g}; "
+          f"{100 * s['frac_equal']:.3f}% of pixels equal; "
+          + (f"{s['diff_explained_by_ties']}/{s['n_diff']} differing pixels are gradient-sign ties"
+             if s["diff_explained_by_ties"] is not None else "tie analysis n/a for this attack"))
+    return 0 if s["agree"] else 1
+
+
+def cmd_sweep(args):
+    import numpy as np
+
+    from .attacks import run_attack
+
+    try:
+        eps_list = [float(e) for e in args.eps.split(",") if e.strip()]
+    except ValueError:
+        raise AdvkernError(f"--eps must be comma-separated numbers, got {args.eps!r}") from None
+    if not eps_list:
+        raise AdvkernError("--eps needs at least one value")
+    model = _model(args.model)
+    x, y = _data(args, model)
+    kw = {"alpha": args.alpha, "steps": args.steps, "norm": args.norm} if args.attack == "pgd" else {}
+    rows, accs = [], []
+    for e in eps_list:
+        if e == 0:
+            acc = model.accuracy(x, y)
+        else:
+            kw_e = dict(kw)
+            if args.attack == "pgd" and args.alpha is None:
+                kw_e["alpha"] = max(e / 10, 1e-4)  # scale the default step with eps
+            acc = run_attack(model, x, y, args.attack, seed=args.seed, eps=e,
+                             **kw_e).metrics["adversarial_accuracy"]
+        accs.append(acc)
+        rows.append((f"{e:g}", f"{100 * acc:.2f}%"))
+    print(_table(["eps", "accuracy"], rows))
+    if args.png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(no plot: matplotlib is not installed; pip install 'advkern[plot]')",
+                  file=sys.stderr)
+            return 0
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.plot(eps_list, 100 * np.array(accs), "o-")
+        ax.set_xlabel("eps")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{args.attack} on {args.model}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=100)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(quick=args.quick, seed=args.seed)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -97,6 +384,78 @@ def build_parser():
     i = sub.add_parser("info", help="layers, shapes and parameter counts of a model file")
     i.add_argument("model", help="native .npz or .onnx file")
     i.set_defaults(func=cmd_info)
+
+    def attack_flags(a, with_out=True):
+        a.add_argument("--model", default="mlp",
+                       help="a bundled architecture (mlp, cnn, logreg; trained and cached on "
+                            "first use), or a .npz / .onnx file (default: mlp)")
+        a.add_argument("--attack", required=True, choices=ATTACK_CHOICES)
+        a.add_argument("--norm", choices=["inf", "2", "1"], help="PGD norm (default inf)")
+        a.add_argument("--eps", type=float, help="radius (fgsm 0.1, pgd 0.3, ...)")
+        a.add_argument("--alpha", type=float, help="step length (pgd 0.01)")
+        a.add_argument("--steps", type=int, help="iterations (pgd 40)")
+        a.add_argument("--loss", choices=["ce", "cw"], help="cross-entropy or C&W margin")
+        a.add_argument("--random-start", action="store_true")
+        a.add_argument("--restarts", type=int)
+        a.add_argument("--early-stop", action="store_true",
+                       help="stop updating an image once it is adversarial")
+        a.add_argument("--targeted", action="store_true")
+        a.add_argument("--target", help="target class index, or 'next' = (y + 1) mod 10")
+        a.add_argument("--theta", type=float, help="JSMA feature change (1.0)")
+        a.add_argument("--gamma", type=float, help="JSMA max fraction of features (0.1)")
+        a.add_argument("--pixels", type=int, help="pixel attack: pixels changed (1)")
+        a.add_argument("--popsize", type=int, help="pixel attack: population (400)")
+        a.add_argument("--generations", type=int, help="pixel attack: generations (100)")
+        a.add_argument("--n", type=int, help="first N images (default: all)")
+        a.add_argument("--data", help=".npz with arrays x (N,1,28,28) and y (default: "
+                                      "the bundled MNIST test split)")
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "jsma", "jsma1", "pixel", "linear"]
+    a = sub.add_parser("attack", help="run an attack on the bundled test split and report")
+    attack_flags(a)
+    a.add_argument("--out", help="write x, x_adv, y, pred, pred_adv, success, l0, l2, linf, "
+                                 "params to this .npz")
+    a.add_argument("--png", metavar="DIR", help="write a panel per image (needs matplotlib)")
+    a.add_argument("--png-max", type=int, default=16, help="at most this many panels (16)")
+    a.set_defaults(func=cmd_attack)
+
+    g = sub.add_parser("grad", help="logits, loss input-gradients and logit Jacobians")
+    g.add_argument("--model", default="mlp")
+    g.add_argument("--n", type=int, default=10)
+    g.add_argument("--data")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    g.add_argument("--loss", choices=["ce", "cw"], default="ce")
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=cmd_grad)
+
+    v = sub.add_parser("verify", help="compare another implementation's x_adv with ours")
+    attack_flags(v)
+    v.add_argument("--candidate", required=True,
+                   help=".npz with x_adv (and x, y; else the first len(x_adv) test images)")
+    v.add_argument("--tie-rtol", type=float, default=1e-4,
+                   help="|grad| <= tie_rtol * max|grad| counts as a sign tie (1e-4)")
+    v.add_argument("--show", type=int, default=20, help="images listed (20)")
+    v.set_defaults(func=cmd_verify)
+
+    w = sub.add_parser("sweep", help="accuracy versus eps (and a PNG plot with matplotlib)")
+    w.add_argument("--model", default="mlp")
+    w.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
+    w.add_argument("--eps", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
+    w.add_argument("--alpha", type=float)
+    w.add_argument("--steps", type=int, default=20)
+    w.add_argument("--norm", choices=["inf", "2", "1"], default="inf")
+    w.add_argument("--n", type=int)
+    w.add_argument("--data")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--png", metavar="FILE")
+    w.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("demo", help="reproduce the seeds' headline results on bundled MNIST")
+    d.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -14,6 +14,7 @@ Save -> load is bit-exact (arrays are stored raw).
 
 import json
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -28,18 +29,22 @@ def save(model, path):
     """Write ``model`` to ``path`` (an .npz file, compressed). Returns the path."""
     arrays = {f"layer{i}.{k}": a for i, p in enumerate(model.params) for k, a in p.items()}
     meta = json.dumps({"format": FORMAT, "model": model.config()})
-    np.savez_compressed(path, **{_META: np.array(meta)}, **arrays)
+    # Through an open file: given a name, numpy would append '.npz' to names lacking it.
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **{_META: np.array(meta)}, **arrays)
     return path
 
 
 def load(path):
     """Read a native .npz model file; any defect is a ModelFileError naming it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise ModelFileError(f"{path}: not an .npz (zip) model file")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = dict(z.items())
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         raise ModelFileError(f"{path}: not a readable .npz model file (corrupt or truncated: {e})") from None
     except ValueError as e:
         if "pickle" in str(e).lower():

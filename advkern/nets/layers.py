@@ -14,8 +14,12 @@ from ..reference.layers import conv_output_hw, resolve_padding
 
 
 def _pair(v, name):
-    t = (v, v) if np.isscalar(v) else tuple(v)
-    if len(t) != 2 or any(int(a) != a or a < 1 for a in t):
+    try:
+        t = (v, v) if np.isscalar(v) else tuple(v)
+        bad = len(t) != 2 or any(isinstance(a, bool) or int(a) != a or a < 1 for a in t)
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
         raise ShapeError(f"{name} must be a positive integer or a pair of them, got {v!r}")
     return tuple(int(a) for a in t)
 
@@ -55,8 +59,10 @@ class Dense(Layer):
     params = ("w", "b")
 
     def __post_init__(self):
-        if int(self.units) != self.units or self.units < 1:
+        if isinstance(self.units, bool) or not isinstance(self.units, (int, np.integer)) \
+                or self.units < 1:
             raise ShapeError(f"dense units must be a positive integer, got {self.units!r}")
+        object.__setattr__(self, "units", int(self.units))
 
     def output_shape(self, in_shape):
         if len(in_shape) != 1:
@@ -88,13 +94,19 @@ class Conv2D(Layer):
     params = ("w", "b")
 
     def __post_init__(self):
-        if int(self.filters) != self.filters or self.filters < 1:
+        if isinstance(self.filters, bool) or not isinstance(self.filters, (int, np.integer)) \
+                or self.filters < 1:
             raise ShapeError(f"conv2d filters must be a positive integer, got {self.filters!r}")
+        object.__setattr__(self, "filters", int(self.filters))
         object.__setattr__(self, "kernel", _pair(self.kernel, "conv2d kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, "conv2d stride"))
         pad = self.padding
         if not isinstance(pad, str):
-            pad = list(pad) if not np.isscalar(pad) else int(pad)
+            try:
+                pad = [int(v) for v in pad] if not np.isscalar(pad) else int(pad)
+            except (TypeError, ValueError):
+                raise ShapeError(f"conv2d padding must be 'same', 'valid' or integers, "
+                                 f"got {self.padding!r}") from None
         try:
             resolve_padding(pad, (1, 1), (1, 1), (1, 1))
         except ValueError as e:
@@ -197,7 +209,9 @@ def layer_from_config(cfg):
     kwargs = {k: v for k, v in cfg.items() if k != "type"}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ShapeError):
+            raise
         raise ModelFileError(f"bad fields for layer {kind!r}: {e}") from None
 
 

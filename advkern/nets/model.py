@@ -18,7 +18,15 @@ class Sequential:
 
     def __init__(self, layers, input_shape, params=None, name=None, seed=0, dtype=np.float32):
         self.layers = tuple(layers)
-        self.input_shape = tuple(int(d) for d in input_shape)
+        try:
+            dims = tuple(input_shape)
+        except TypeError:
+            raise ShapeError(f"input_shape must be a sequence of positive integers, "
+                             f"got {input_shape!r}") from None
+        if not dims or any(isinstance(d, bool) or not isinstance(d, (int, np.integer))
+                           or d < 1 for d in dims):
+            raise ShapeError(f"input_shape must be positive integers, got {input_shape!r}")
+        self.input_shape = tuple(int(d) for d in dims)
         self.name = name
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
@@ -119,12 +127,16 @@ class Sequential:
 
     @classmethod
     def from_config(cls, cfg, params=None, seed=0):
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), list) \
+                or not isinstance(cfg.get("input_shape"), list):
+            raise ModelFileError("model config needs a 'layers' list and an 'input_shape' list")
+        layers = [layer_from_config(c) for c in cfg["layers"]]
         try:
-            layers = [layer_from_config(c) for c in cfg["layers"]]
-            input_shape = cfg["input_shape"]
-        except (KeyError, TypeError) as e:
-            raise ModelFileError(f"model config lacks {e}") from None
-        return cls(layers, input_shape, params, name=cfg.get("name"), seed=seed)
+            return cls(layers, cfg["input_shape"], params, name=cfg.get("name"), seed=seed)
+        except ShapeError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"malformed model config: {e}") from None
 
     def check_input(self, x, name="x"):
         """Validate a batch (N, *input_shape) of float32/float64 finite values; return it."""
@@ -145,8 +157,10 @@ class Sequential:
         """Predicted classes (N,) int64."""
         from ..reference.losses import predict
         x = self.check_input(x)
+        if not len(x):
+            return np.zeros(0, dtype=np.int64)
         return np.concatenate([predict(self.logits(x[i:i + batch_size]))
-                               for i in range(0, max(len(x), 1), batch_size)])[:len(x)]
+                               for i in range(0, len(x), batch_size)])
 
     def accuracy(self, x, y, batch_size=1000):
         return float(np.mean(self.predict(x, batch_size) == np.asarray(y))) if len(x) else float("nan")

@@ -28,9 +28,11 @@ def dense_forward(x, w, b):
     return out, (x, w)
 
 
-def dense_backward(dout, cache):
-    """dout: (N, M) -> dx: (N, D), grads {"w": (D, M), "b": (M,)}."""
+def dense_backward(dout, cache, need_params=True):
+    """dout: (N, M) -> dx: (N, D), grads {"w": (D, M), "b": (M,)} ({} if not need_params)."""
     x, w = cache
+    if not need_params:
+        return dout @ w.T, {}
     return dout @ w.T, {"w": x.T @ dout, "b": dout.sum(axis=0)}
 
 
@@ -103,26 +105,33 @@ def conv2d_forward(x, w, b, stride=(1, 1), pads=(0, 0, 0, 0)):
     return np.ascontiguousarray(out), (x.shape, xp, w, stride, pads)
 
 
-def conv2d_backward(dout, cache):
-    """dout: (N, F, H_out, W_out) -> dx: (N, C, H, W), grads {"w": (F, C, KH, KW), "b": (F,)}."""
+def conv2d_backward(dout, cache, need_params=True):
+    """dout: (N, F, H_out, W_out) -> dx: (N, C, H, W), grads {"w": (F, C, KH, KW), "b": (F,)}.
+
+    need_params=False skips the weight gradient (an attack needs only dx) and returns {}.
+    """
     x_shape, xp, w, stride, pads = cache
     f, c, kh, kw = w.shape
     sh, sw = stride
-    ho, wo = dout.shape[2:]
-    cols = _windows(xp, (kh, kw), stride)
-    dw = np.tensordot(dout, cols, axes=([0, 2, 3], [0, 2, 3]))
-    db = dout.sum(axis=(0, 2, 3))
+    n, _, ho, wo = dout.shape
+    d2 = dout.transpose(0, 2, 3, 1).reshape(-1, f)  # (N*Ho*Wo, F)
+    # One GEMM gives every output's gradient with respect to its input window:
+    # (N*Ho*Wo, F) @ (F, C*KH*KW), 2*N*Ho*Wo*F*C*KH*KW FLOPs, like the forward pass.
+    dcols = (d2 @ w.reshape(f, -1)).reshape(n, ho, wo, c, kh, kw)
     dxp = np.zeros_like(xp)
-    # col2im as KH*KW strided scatter-adds: each kernel tap (u, v) sends dout back through
-    # w[:, :, u, v] to the input pixels it read; no two outputs of one tap share an input.
+    # col2im as KH*KW strided scatter-adds: within one tap (u, v) no two outputs share an
+    # input pixel, so each add is a plain strided slice.
     for u in range(kh):
         for v in range(kw):
-            contrib = np.tensordot(w[:, :, u, v], dout, axes=([0], [1]))  # (C, N, Ho, Wo)
             dxp[:, :, u: u + sh * (ho - 1) + 1: sh, v: v + sw * (wo - 1) + 1: sw] += \
-                contrib.transpose(1, 0, 2, 3)
+                dcols[..., u, v].transpose(0, 3, 1, 2)
     t, b_, l, r = pads
-    dx = dxp[:, :, t: t + x_shape[2], l: l + x_shape[3]]
-    return np.ascontiguousarray(dx), {"w": dw, "b": db}
+    dx = np.ascontiguousarray(dxp[:, :, t: t + x_shape[2], l: l + x_shape[3]])
+    if not need_params:
+        return dx, {}
+    cols = _windows(xp, (kh, kw), stride).transpose(0, 2, 3, 1, 4, 5).reshape(d2.shape[0], -1)
+    dw = (d2.T @ cols).reshape(w.shape)
+    return dx, {"w": dw, "b": d2.sum(axis=0)}
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -196,7 +205,7 @@ def sigmoid_backward(dout, cache):
 
 def flatten_forward(x):
     """x: (N, ...) -> (N, prod(...)) in C order."""
-    return x.reshape(x.shape[0], -1), x.shape
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))), x.shape
 
 
 def flatten_backward(dout, cache):

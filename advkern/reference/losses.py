@@ -27,8 +27,15 @@ def _from_two_class(dlogits, k):
 def log_softmax(logits):
     """log softmax(z)_k = z_k - logsumexp(z), stable for any logits. (N, K) -> (N, K)."""
     z = as_two_class(logits)
-    m = z.max(axis=1, keepdims=True)
-    return z - (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
+    rows = np.arange(len(z))
+    top = z.argmax(axis=1)
+    # Shift by the max first: (z - m) is exact near the max, whereas z - (m + log(...)) loses
+    # ~|m| * eps. Then log(sum exp(s)) = log1p(sum over the others), so a confident model's
+    # log p_max = -log1p(tiny) keeps its tiny value instead of rounding log(1 + tiny) to 0.
+    s = z - z[rows, top][:, None]
+    e = np.exp(s)
+    e[rows, top] = 0
+    return s - np.log1p(e.sum(axis=1, keepdims=True))
 
 
 def softmax(logits):

@@ -61,8 +61,12 @@ def backward(model, dlogits, caches, need_params=True):
     grads = [None] * len(model.layers)
     d = dlogits
     for i in range(len(model.layers) - 1, -1, -1):
-        d, g = _BACKWARD[model.layers[i].type](d, caches[i])
-        grads[i] = g if need_params else {}
+        layer = model.layers[i]
+        if layer.params:
+            d, g = _BACKWARD[layer.type](d, caches[i], need_params=need_params)
+        else:
+            d, g = _BACKWARD[layer.type](d, caches[i])
+        grads[i] = g
     return d, grads
 
 

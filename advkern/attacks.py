@@ -1,0 +1,186 @@
+"""The public attack API: every reference attack by name, with one parameter set and metrics.
+
+``run_attack(model, x, y, "pgd", eps=0.3, alpha=0.01, steps=40)`` returns an
+:class:`AttackRun` holding x_adv, the per-image info of the attack, the evaluation metrics
+(``advkern.reference.metrics.evaluate``) and the attack's wall time. The CLI's ``attack``,
+``verify``, ``sweep`` and ``demo`` commands are built on it.
+
+Attacks (reference implementations in ``advkern.reference``):
+
+=========  ==============================================================================
+fgsm       x + eps sign(grad) (Goodfellow et al. 2015); targeted descends the target loss
+fgm        L2 fast gradient x + eps g / ||g||_2
+bim        L-inf PGD without random start (Kurakin et al.)
+pgd        PGD in L-inf / L2 / L1 with random start and restarts (Madry et al. 2018)
+jsma       Jacobian saliency map attack, pair-wise (Papernot et al. 2016); targeted
+jsma1      JSMA, single-feature variant
+pixel      one-/few-pixel attack by differential evolution (Su et al. 2019)
+linear     the exact L-inf worst case of a binary linear model
+=========  ==============================================================================
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._progress import Progress
+from ._validate import check_batch, check_int
+from .errors import AdvkernError
+from .reference import gradient_attacks as ga
+from .reference import jsma as _jsma
+from .reference import linear as _linear
+from .reference import metrics as _metrics
+from .reference import pixel as _pixel
+
+ATTACKS = ("fgsm", "fgm", "bim", "pgd", "jsma", "jsma1", "pixel", "linear")
+
+# Defaults where a user gives none: the seeds' headline settings.
+DEFAULTS = {
+    "fgsm": {"eps": 0.1},
+    "fgm": {"eps": 1.0},
+    "bim": {"eps": 0.1},
+    "pgd": {"eps": 0.3, "alpha": 0.01, "steps": 40, "norm": "inf"},
+    "jsma": {"theta": 1.0, "gamma": 0.1, "target": "next"},
+    "jsma1": {"theta": 1.0, "gamma": 0.1, "target": "next"},
+    "pixel": {"pixels": 1, "popsize": 400, "generations": 100},
+    "linear": {"eps": 0.2},
+}
+
+# Images per call: small enough for a progress bar, large enough that BLAS is efficient.
+# Every attack's result on a slice equals its result in the whole batch (tests check it),
+# so chunking changes nothing but the bar.
+_CHUNK = {"pgd": 250, "bim": 250, "jsma": 100, "jsma1": 100, "pixel": 50}
+
+
+@dataclass
+class AttackRun:
+    """x_adv (N, ...), info (per-image arrays), metrics (dict), seconds, params (dict)."""
+
+    x_adv: np.ndarray
+    info: dict
+    metrics: dict
+    seconds: float
+    params: dict = field(default_factory=dict)
+
+
+def resolve_target(target, y, num_classes):
+    """'next' -> (y + 1) mod K; an int or an (N,) array as given; None stays None."""
+    if isinstance(target, str):
+        if target != "next":
+            raise AdvkernError(f"target must be a class index, an array or 'next', got {target!r}")
+        return (y + 1) % num_classes
+    if target is None:
+        return None
+    return np.broadcast_to(np.asarray(target), y.shape).astype(np.int64)
+
+
+_COMMON = {"clip", "targeted", "target", "loss"}
+ALLOWED = {
+    "fgsm": _COMMON | {"eps"},
+    "fgm": _COMMON | {"eps"},
+    "bim": _COMMON | {"eps", "alpha", "steps", "early_stop"},
+    "pgd": _COMMON | {"eps", "alpha", "steps", "norm", "random_start", "restarts",
+                      "early_stop", "l1_sparsity"},
+    "jsma": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
+    "jsma1": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
+    "pixel": {"clip", "targeted", "target", "pixels", "popsize", "generations", "F", "CR",
+              "early_stop", "batch_images"},
+    "linear": {"clip", "eps"},
+}
+
+
+def attack_params(attack, **given):
+    """The attack's parameters: DEFAULTS[attack] updated with the non-None ``given``.
+
+    A parameter the attack does not take is an error (rather than silently ignored and then
+    recorded as if it had been used).
+    """
+    if attack not in ATTACKS:
+        raise AdvkernError(f"unknown attack {attack!r}: use one of {', '.join(ATTACKS)}")
+    given = {k: v for k, v in given.items() if v is not None}
+    extra = sorted(set(given) - ALLOWED[attack])
+    if extra:
+        raise AdvkernError(f"{attack} does not take {', '.join(extra)} "
+                           f"(it takes {', '.join(sorted(ALLOWED[attack]))})")
+    params = dict(DEFAULTS[attack])
+    params.update(given)
+    return params
+
+
+def _call(model, x, y, attack, p, seed):
+    """One reference call on a chunk; returns (x_adv, info dict)."""
+    common = {"clip": p.get("clip", (0.0, 1.0))}
+    tgt = {"targeted": True, "target": p["target"]} if p.get("targeted") else {}
+    if attack == "fgsm":
+        return ga.fgsm(model, x, y, p["eps"], loss=p.get("loss", "ce"), **tgt, **common), {}
+    if attack == "fgm":
+        return ga.fgm_l2(model, x, y, p["eps"], loss=p.get("loss", "ce"), **tgt, **common), {}
+    if attack == "bim":
+        return ga.bim(model, x, y, p["eps"], p.get("alpha"), p.get("steps"),
+                      loss=p.get("loss", "ce"), early_stop=p.get("early_stop", False),
+                      **tgt, **common), {}
+    if attack == "pgd":
+        return ga.pgd(model, x, y, p["eps"], p["alpha"], p["steps"], norm=p.get("norm", "inf"),
+                      loss=p.get("loss", "ce"), random_start=p.get("random_start", False),
+                      restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
+                      l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common), {}
+    if attack in ("jsma", "jsma1"):
+        return _jsma.jsma(model, x, y, p["target"], theta=p["theta"], gamma=p["gamma"],
+                          variant="pair" if attack == "jsma" else "single",
+                          use_logits=p.get("use_logits", True), **common)
+    if attack == "pixel":
+        return _pixel.pixel_attack(model, x, y, pixels=p["pixels"], popsize=p["popsize"],
+                                   generations=p["generations"], F=p.get("F", 0.5),
+                                   CR=p.get("CR"), seed=seed,
+                                   early_stop=p.get("early_stop", True),
+                                   batch_images=p.get("batch_images"), **tgt, **common)
+    if attack == "linear":
+        return _linear.linear_attack(model, x, y, p["eps"], clip=common["clip"]), {}
+    raise AdvkernError(f"unknown attack {attack!r}")
+
+
+def run_attack(model, x, y, attack, *, seed=0, progress=False, **params):
+    """Run a reference attack by name on (x, y) and evaluate it.
+
+    x: (N, *model.input_shape) in the box, y: (N,) labels. params: the attack's parameters
+    (see DEFAULTS; e.g. eps, alpha, steps, norm, loss, random_start, restarts, early_stop,
+    targeted, target (int, (N,) or 'next'), theta, gamma, pixels, popsize, generations,
+    clip). JSMA is always targeted (default target 'next' = (y + 1) mod K).
+    Returns an AttackRun; the time excludes model loading and evaluation.
+    """
+    p = attack_params(attack, **params)
+    x, y, clip = check_batch(model, x, y, p.get("clip", (0.0, 1.0)))
+    p["clip"] = clip
+    if attack in ("jsma", "jsma1"):
+        p["targeted"] = True
+    target = resolve_target(p.get("target"), y, model.num_classes) if p.get("targeted") else None
+    if p.get("targeted") and target is None:
+        raise AdvkernError("a targeted attack needs a target (a class index, (N,) labels or "
+                           "'next')")
+    if not p.get("targeted"):
+        p.pop("target", None)
+    if np.ndim(seed) == 0:
+        seed = check_int(seed, "seed", minimum=0)
+    chunk = _CHUNK.get(attack, len(x)) or 1
+    n = len(x)
+    outs, infos = [], []
+    t0 = time.perf_counter()
+    with Progress(-(-n // chunk), attack, enabled=progress) as bar:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            pc = dict(p, target=target[a:b]) if target is not None else p
+            # Per-image seeds [seed, i] keep a chunk's draws equal to the whole batch's.
+            cs = np.stack([np.full(b - a, seed), np.arange(a, b)], 1) if np.ndim(seed) == 0 \
+                else np.asarray(seed)[a:b]
+            xa, info = _call(model, x[a:b], y[a:b], attack, pc, cs)
+            outs.append(xa)
+            infos.append(info)
+            bar.update(1)
+    seconds = time.perf_counter() - t0
+    x_adv = np.concatenate(outs) if outs else x.copy()
+    info = {k: np.concatenate([i[k] for i in infos]) for k in (infos[0] if infos else {})}
+    metrics = _metrics.evaluate(model, x, y, x_adv, target=target)
+    p_out = {k: v for k, v in p.items() if k != "target"}
+    p_out.update(attack=attack, seed=seed if np.ndim(seed) == 0 else "per-image")
+    return AttackRun(x_adv, info, metrics, seconds, p_out)
