@@ -108,9 +108,15 @@ def attack_params(attack, **given):
     return params
 
 
-def _call(model, x, y, attack, p, seed):
-    """One reference call on a chunk; returns (x_adv, info dict)."""
+def _call(model, x, y, attack, p, seed, backend=None):
+    """One call on a chunk; returns (x_adv, info dict).
+
+    backend None: the reference implementation (advkern.reference); a backend name: the
+    engine (advkern.engine) over that backend's primitives.
+    """
     common = {"clip": p.get("clip", (0.0, 1.0))}
+    if backend is not None and attack != "linear":
+        return _call_engine(model, x, y, attack, p, seed, backend, common)
     tgt = {"targeted": True, "target": p["target"]} if p.get("targeted") else {}
     if attack == "fgsm":
         return ga.fgsm(model, x, y, p["eps"], loss=p.get("loss", "ce"), **tgt, **common), {}
@@ -140,15 +146,57 @@ def _call(model, x, y, attack, p, seed):
     raise AdvkernError(f"unknown attack {attack!r}")
 
 
-def run_attack(model, x, y, attack, *, seed=0, progress=False, **params):
+def _call_engine(model, x, y, attack, p, seed, backend, common):
+    from . import engine
+
+    tgt = {"targeted": True, "target": p["target"]} if p.get("targeted") else {}
+    be = {"backend": backend}
+    if attack == "fgsm":
+        return engine.fgsm(model, x, y, p["eps"], loss=p.get("loss", "ce"), **tgt, **common,
+                           **be), {}
+    if attack == "fgm":
+        return engine.fgm_l2(model, x, y, p["eps"], loss=p.get("loss", "ce"), **tgt, **common,
+                             **be), {}
+    if attack == "bim":
+        return engine.bim(model, x, y, p["eps"], p.get("alpha"), p.get("steps"),
+                          loss=p.get("loss", "ce"), early_stop=p.get("early_stop", False),
+                          **tgt, **common, **be), {}
+    if attack == "pgd":
+        return engine.pgd(model, x, y, p["eps"], p["alpha"], p["steps"],
+                          norm=p.get("norm", "inf"), loss=p.get("loss", "ce"),
+                          random_start=p.get("random_start", False),
+                          restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
+                          l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common,
+                          **be), {}
+    if attack in ("jsma", "jsma1"):
+        return engine.jsma(model, x, y, p["target"], theta=p["theta"], gamma=p["gamma"],
+                           variant="pair" if attack == "jsma" else "single",
+                           use_logits=p.get("use_logits", True), **common, **be)
+    if attack == "pixel":
+        if p.get("batch_images") is not None:
+            raise AdvkernError("batch_images is a reference-only option")
+        return engine.pixel_attack(model, x, y, pixels=p["pixels"], popsize=p["popsize"],
+                                   generations=p["generations"], F=p.get("F", 0.5),
+                                   CR=p.get("CR"), seed=seed,
+                                   early_stop=p.get("early_stop", True), **tgt, **common, **be)
+    raise AdvkernError(f"unknown attack {attack!r}")
+
+
+def run_attack(model, x, y, attack, *, seed=0, progress=False, backend=None, **params):
     """Run a reference attack by name on (x, y) and evaluate it.
 
     x: (N, *model.input_shape) in the box, y: (N,) labels. params: the attack's parameters
     (see DEFAULTS; e.g. eps, alpha, steps, norm, loss, random_start, restarts, early_stop,
     targeted, target (int, (N,) or 'next'), theta, gamma, pixels, popsize, generations,
     clip). JSMA is always targeted (default target 'next' = (y + 1) mod K).
+    backend: None runs the reference implementation (the specification); a backend name
+    ('numpy', 'numba_cpu', see ``advkern.kernels.available()``) runs the engine on it
+    (the exact linear attack always runs the reference).
     Returns an AttackRun; the time excludes model loading and evaluation.
     """
+    if backend is not None:
+        from . import kernels
+        kernels.get(backend)  # an unknown or unavailable backend fails before any work
     p = attack_params(attack, **params)
     x, y, clip = check_batch(model, x, y, p.get("clip", (0.0, 1.0)))
     p["clip"] = clip
@@ -162,7 +210,8 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, **params):
         p.pop("target", None)
     if np.ndim(seed) == 0:
         seed = check_int(seed, "seed", minimum=0)
-    chunk = _CHUNK.get(attack, len(x)) or 1
+    # A fast backend takes the whole batch at once (bigger GEMMs; its own progress is cheap).
+    chunk = (_CHUNK.get(attack, len(x)) if backend is None else len(x)) or 1
     n = len(x)
     outs, infos = [], []
     t0 = time.perf_counter()
@@ -173,7 +222,7 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, **params):
             # Per-image seeds [seed, i] keep a chunk's draws equal to the whole batch's.
             cs = np.stack([np.full(b - a, seed), np.arange(a, b)], 1) if np.ndim(seed) == 0 \
                 else np.asarray(seed)[a:b]
-            xa, info = _call(model, x[a:b], y[a:b], attack, pc, cs)
+            xa, info = _call(model, x[a:b], y[a:b], attack, pc, cs, backend)
             outs.append(xa)
             infos.append(info)
             bar.update(1)
@@ -182,5 +231,6 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, **params):
     info = {k: np.concatenate([i[k] for i in infos]) for k in (infos[0] if infos else {})}
     metrics = _metrics.evaluate(model, x, y, x_adv, target=target)
     p_out = {k: v for k, v in p.items() if k != "target"}
-    p_out.update(attack=attack, seed=seed if np.ndim(seed) == 0 else "per-image")
+    p_out.update(attack=attack, seed=seed if np.ndim(seed) == 0 else "per-image",
+                 backend=backend or "reference")
     return AttackRun(x_adv, info, metrics, seconds, p_out)

@@ -42,7 +42,8 @@ def cmd_train(args):
         adv = {} if args.adversarial is None else {"adversarial": args.adversarial, "eps": args.eps}
         t0 = time.perf_counter()
         model, hist = train(build(name, seed=args.seed), xtr, ytr, seed=args.seed,
-                            progress=not args.quiet and None, **recipe, **adv)
+                            progress=not args.quiet and None, backend=_backend_arg(args),
+                            **recipe, **adv)
         secs = time.perf_counter() - t0
         out = args.out or (f"{args.out_dir.rstrip('/')}/{name}.npz" if args.out_dir else None)
         if out:
@@ -162,6 +163,11 @@ def _attack_kwargs(args):
     return kw
 
 
+def _backend_arg(args):
+    name = getattr(args, "backend", "reference")
+    return None if name in (None, "reference") else name
+
+
 def _fmt(v, pct=False):
     import math
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -183,7 +189,7 @@ def cmd_attack(args):
     model = _model(args.model, args.json)
     x, y = _data(args, model)
     run = run_attack(model, x, y, args.attack, seed=args.seed, progress=None if not args.json
-                     else False, **_attack_kwargs(args))
+                     else False, backend=_backend_arg(args), **_attack_kwargs(args))
     m = run.metrics
     if args.out:
         extra = {f"info_{k}": v for k, v in run.info.items()}
@@ -284,7 +290,7 @@ def cmd_verify(args):
     kw = _attack_kwargs(args)
     ours = run_attack(model, x.astype(cand["x_adv"].dtype, copy=False)
                       if cand["x_adv"].dtype.kind == "f" else x, y, args.attack, seed=args.seed,
-                      progress=False, **kw)
+                      progress=False, backend=_backend_arg(args), **kw)
     report = compare(model, x, y, ours, cand["x_adv"], args.attack, kw, args.tie_rtol)
     if args.json:
         print(json.dumps(_json_safe(report), default=float))
@@ -353,7 +359,7 @@ def cmd_sweep(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, seed=args.seed)
+    return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -379,6 +385,8 @@ def build_parser():
     t.add_argument("--out", help="weight file to write (.npz), for one architecture")
     t.add_argument("--out-dir", help="folder to write NAME.npz files into")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--backend", default="reference",
+                   help="'reference' (default) or a backend for the gradients: numpy, numba_cpu")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="layers, shapes and parameter counts of a model file")
@@ -411,6 +419,9 @@ def build_parser():
                                       "the bundled MNIST test split)")
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        a.add_argument("--backend", default="reference",
+                       help="'reference' (the NumPy specification, default) or a backend "
+                            "running the attack engine: numpy, numba_cpu")
 
     ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "jsma", "jsma1", "pixel", "linear"]
     a = sub.add_parser("attack", help="run an attack on the bundled test split and report")
@@ -455,6 +466,8 @@ def build_parser():
     d = sub.add_parser("demo", help="reproduce the seeds' headline results on bundled MNIST")
     d.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backend", default="reference",
+                   help="'reference' (default) or a backend: numpy, numba_cpu")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -20,7 +20,7 @@ def _pct(v):
     return f"{100 * v:.1f}%"
 
 
-def headline_results(quick=False, seed=0, log=print):
+def headline_results(quick=False, seed=0, log=print, backend=None):
     """Run every experiment; returns a list of rows (experiment, model, measured, target, s)."""
     x, y = load_mnist("test")
     n_big = 200 if quick else len(x)
@@ -42,30 +42,34 @@ def headline_results(quick=False, seed=0, log=print):
     xs, ys = x[:n_big], y[:n_big]
     for name in ("mlp", "cnn"):
         for eps, goal in ((0.1, "<= 20%"), (0.25, "<= 2%")):
-            r = run_attack(models[name], xs, ys, "fgsm", eps=eps)
+            r = run_attack(models[name], xs, ys, "fgsm", eps=eps, backend=backend)
             add(f"FGSM eps {eps} accuracy", name, _pct(r.metrics["adversarial_accuracy"]),
                 goal if name == "mlp" else "-", r.seconds)
     for name in ("mlp", "cnn"):
-        r = run_attack(models[name], xs, ys, "pgd", eps=0.3, alpha=0.01, steps=40, seed=seed)
+        r = run_attack(models[name], xs, ys, "pgd", eps=0.3, alpha=0.01, steps=40, seed=seed,
+                       backend=backend)
         add("PGD-40 eps 0.3 accuracy", name, _pct(r.metrics["adversarial_accuracy"]), "0%",
             r.seconds)
 
-    r = run_attack(models["mlp"], x[:n_jsma], y[:n_jsma], "jsma", theta=1.0, gamma=0.1,
-                   target="next")
-    l0 = r.info["l0"][r.info["success"]].mean() / x[0].size if r.info["success"].any() else np.nan
-    add(f"JSMA (y+1) success / mean L0, {n_jsma} img", "mlp",
-        f"{_pct(r.metrics['success_rate'])} / {_pct(l0)}", ">= 95% / <= 4% (paper 97.1/4.02)",
-        r.seconds)
+    for use_logits, label in ((True, "logits"), (False, "probabilities")):
+        r = run_attack(models["mlp"], x[:n_jsma], y[:n_jsma], "jsma", theta=1.0, gamma=0.1,
+                       target="next", use_logits=use_logits, backend=backend)
+        ok = r.info["success"]
+        l0 = r.info["l0"][ok].mean() / x[0].size if ok.any() else np.nan
+        add(f"JSMA ({label}) success / mean L0, {n_jsma} img", "mlp",
+            f"{_pct(r.metrics['success_rate'])} / {_pct(l0)}",
+            ">= 95% / <= 4% (paper 97.1/4.02)", r.seconds)
 
     for k in (1, 5):
         r = run_attack(models["mlp"], x[:n_pix], y[:n_pix], "pixel", pixels=k, popsize=400,
-                       generations=100 if not quick else 20, seed=seed)
+                       generations=100 if not quick else 20, seed=seed,
+                       backend=backend)
         add(f"{k}-pixel DE success, {n_pix} img", "mlp",
             _pct(r.metrics["success_rate_on_correct"]), "5-pixel > 1-pixel", r.seconds)
 
     t0 = time.perf_counter()
     adv = pretrained("mlp", seed=seed, adversarial="fgsm", eps=0.1)
-    r = run_attack(adv, xs, ys, "fgsm", eps=0.1)
+    r = run_attack(adv, xs, ys, "fgsm", eps=0.1, backend=backend)
     add("FGSM-trained: clean / FGSM 0.1 accuracy", "mlp",
         f"{_pct(adv.accuracy(xs, ys))} / {_pct(r.metrics['adversarial_accuracy'])}",
         "clean within 3 pts / > 60%", time.perf_counter() - t0)
@@ -83,18 +87,19 @@ def headline_results(quick=False, seed=0, log=print):
         time.perf_counter() - t0)
 
     for src, dst in (("mlp", "cnn"), ("cnn", "mlp")):
-        r = run_attack(models[src], xs, ys, "fgsm", eps=0.1)
+        r = run_attack(models[src], xs, ys, "fgsm", eps=0.1, backend=backend)
         add(f"transfer FGSM 0.1 {src} -> {dst}: accuracy", dst,
             _pct(models[dst].accuracy(r.x_adv, ys)), "-", r.seconds)
     return rows
 
 
-def run_demo(quick=False, seed=0):
+def run_demo(quick=False, seed=0, backend=None):
     from .cli import _table
 
     t0 = time.perf_counter()
-    print("advkern demo: bundled MNIST (1,000 test images), reference NumPy attacks")
-    rows = headline_results(quick=quick, seed=seed)
+    print(f"advkern demo: bundled MNIST (1,000 test images), attacks on "
+          f"{backend or 'the NumPy reference'}")
+    rows = headline_results(quick=quick, seed=seed, backend=backend)
     print()
     print(_table(["experiment", "model", "measured", "target", "seconds"], rows))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

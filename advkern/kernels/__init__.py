@@ -1,8 +1,8 @@
 """Backend registry. Each backend implements the same primitives (the contract).
 
 ``available()`` lists the backends that import on this machine; ``get(name)`` returns one.
-No backend is registered yet: the NumPy reference lives in ``advkern.reference``.
-Importing this package never imports CuPy or CUDA.
+The primitives, their shapes and dtypes are documented once, in ``advkern.kernels.contract``.
+Importing this package never imports numba, CuPy or CUDA: a backend is imported when asked for.
 """
 
 import importlib
@@ -10,7 +10,10 @@ import importlib
 from ..errors import AdvkernError
 
 # name -> module path; a backend is imported only when asked for.
-_BACKENDS = {}
+_BACKENDS = {
+    "numpy": "advkern.kernels.numpy_backend",
+    "numba_cpu": "advkern.kernels.numba_cpu",
+}
 
 
 def register(name, module):

@@ -88,34 +88,90 @@ def _pgd_point(model, xb, yb, eps, alpha, steps, rng, clip):
     return x.astype(xb.dtype, copy=False)
 
 
+class _Reference:
+    """The NumPy reference in the shape of the backend primitives training needs."""
+
+    @staticmethod
+    def prepare(model, dtype):
+        return model
+
+    @staticmethod
+    def param_grads(model, x, y, loss):
+        return loss_and_param_grads(model, x, y, loss)
+
+    @staticmethod
+    def fgsm_point(model, xb, yb, eps, clip):
+        return _fgsm_point(model, xb, yb, eps, clip)
+
+    @staticmethod
+    def pgd_point(model, xb, yb, eps, alpha, steps, rng, clip):
+        return _pgd_point(model, xb, yb, eps, alpha, steps, rng, clip)
+
+
+class _OnBackend:
+    """Training's adversarial points and parameter gradients on a backend (kernels.get)."""
+
+    def __init__(self, be):
+        self.be = be
+
+    def prepare(self, model, dtype):
+        return self.be.prepare(model, dtype)
+
+    def param_grads(self, net, x, y, loss):
+        return self.be.param_grads(net, x, y, loss)
+
+    def _step(self, net, x, x0, yb, eps, alpha, clip):
+        n = len(x)
+        _, g, _ = self.be.loss_grad(net, x, yb, "ce")
+        e = np.full(n, eps, x.dtype)
+        return self.be.linf_step(x, g, x0, e, np.full(n, alpha, x.dtype), clip[0], clip[1],
+                                 np.ones(n, bool))
+
+    def fgsm_point(self, net, xb, yb, eps, clip):
+        return self._step(net, xb, xb, yb, eps, eps, clip)
+
+    def pgd_point(self, net, xb, yb, eps, alpha, steps, rng, clip):
+        x = np.clip(xb + rng.uniform(-eps, eps, xb.shape).astype(xb.dtype), *clip)
+        for _ in range(steps):
+            x = self._step(net, x, xb, yb, eps, alpha, clip)
+        return x
+
+
 def minibatch_grads(model, xb, yb, *, adversarial=None, eps=0.1, mix=0.5, pgd_steps=7,
-                    pgd_alpha=None, rng=None, clip=(0.0, 1.0)):
-    """Loss (float) and parameter gradients of one minibatch under the chosen objective."""
+                    pgd_alpha=None, rng=None, clip=(0.0, 1.0), ops=None):
+    """Loss (float) and parameter gradients of one minibatch under the chosen objective.
+
+    ops: where the math runs (None: the NumPy reference; see ``train(backend=...)``).
+    """
+    ops = ops or _Reference
+    net = ops.prepare(model, xb.dtype)
     if adversarial is None:
-        return loss_and_param_grads(model, xb, yb)
+        return ops.param_grads(net, xb, yb, "ce")
     if adversarial == "fgsm":
-        x_adv = _fgsm_point(model, xb, yb, eps, clip)
-        l_clean, g_clean = loss_and_param_grads(model, xb, yb)
-        l_adv, g_adv = loss_and_param_grads(model, x_adv, yb)
+        x_adv = ops.fgsm_point(net, xb, yb, eps, clip)
+        l_clean, g_clean = ops.param_grads(net, xb, yb, "ce")
+        l_adv, g_adv = ops.param_grads(net, x_adv, yb, "ce")
         grads = [{k: mix * gc[k] + (1 - mix) * ga[k] for k in gc} for gc, ga in zip(g_clean, g_adv)]
         return mix * l_clean + (1 - mix) * l_adv, grads
     if adversarial == "pgd":
         alpha = pgd_alpha if pgd_alpha is not None else 2.5 * eps / pgd_steps
-        x_adv = _pgd_point(model, xb, yb, eps, alpha, pgd_steps, rng, clip)
-        return loss_and_param_grads(model, x_adv, yb)
+        x_adv = ops.pgd_point(net, xb, yb, eps, alpha, pgd_steps, rng, clip)
+        return ops.param_grads(net, x_adv, yb, "ce")
     raise AdvkernError(f"unknown adversarial objective {adversarial!r}: use None, 'fgsm' or 'pgd'")
 
 
 def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, momentum=0.9,
           weight_decay=0.0, seed=0, adversarial=None, eps=0.1, mix=0.5, pgd_steps=7,
           pgd_alpha=None, clip=(0.0, 1.0), schedule="cosine", x_val=None, y_val=None,
-          progress=None):
+          progress=None, backend=None):
     """Train a copy of ``model`` on (x, y); the caller's model and arrays are not modified.
 
     x: (N, *model.input_shape) float32/float64, y: (N,) int labels. Each epoch visits the
     data in a seeded random order in minibatches of ``batch_size``. Returns
     ``(trained_model, history)`` where history is a list of per-epoch dicts
     (epoch, loss, seconds, and val_accuracy when validation data are given).
+    backend: None trains with the NumPy reference; a backend name ('numpy', 'numba_cpu')
+    computes the parameter gradients and adversarial points with that backend's primitives.
     schedule: 'cosine' decays the learning rate as lr * (1 + cos(pi * t / T)) / 2 over the
     T steps of training (steadier final accuracy on small data); 'constant' keeps it.
     """
@@ -130,6 +186,11 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
             raise AdvkernError(f"mix must be in [0, 1], got {mix}")
         if adversarial == "pgd":
             pgd_steps = check_int(pgd_steps, "pgd_steps")
+    if backend is None:
+        ops = _Reference
+    else:
+        from .. import kernels
+        ops = _OnBackend(kernels.get(backend))
     opt_kw = {"momentum": momentum} if optimizer == "sgd" else {}
     if schedule not in ("cosine", "constant"):
         raise AdvkernError(f"unknown schedule {schedule!r}: use 'cosine' or 'constant'")
@@ -149,7 +210,8 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
                 idx = order[s: s + batch_size]
                 loss, grads = minibatch_grads(model, x[idx], y[idx], adversarial=adversarial,
                                               eps=eps, mix=mix, pgd_steps=pgd_steps,
-                                              pgd_alpha=pgd_alpha, rng=rng, clip=clip)
+                                              pgd_alpha=pgd_alpha, rng=rng, clip=clip,
+                                              ops=ops)
                 if not np.isfinite(loss):
                     raise AdvkernError(f"training diverged at epoch {epoch + 1} (loss {loss}): "
                                        "lower the learning rate")

@@ -1,0 +1,77 @@
+"""The backend contract: the primitives every backend implements, documented once.
+
+A backend is a module registered in ``advkern.kernels`` exposing ``NAME``, ``xp`` (the array
+module its arrays belong to: numpy, or cupy on a GPU backend) and every function in
+:data:`PRIMITIVES`, with exactly these signatures, shapes and dtypes. The attack engine
+(``advkern.engine``) is written once over them, so arrays stay on the backend's device for
+the whole attack; only the inputs, the random draws (small: O(N * P) numbers a generation)
+and the results cross.
+
+Notation: N images, input shape S = (C, H, W) with D = C*H*W features, K logits, P DE
+population members, ``dt`` the attack dtype (float32 or float64). "Device array" means an
+array of ``xp``. Per-image scalars (eps, alpha) are device arrays of shape (N,) in dt.
+
+Data movement
+    to_device(a, dtype=None) -> device array (a copy; host arrays are never modified).
+    to_host(a) -> numpy array.
+
+Models
+    prepare(model, dtype) -> net
+        The backend's form of an ``advkern.nets.Sequential`` (weights cast to dtype, on the
+        device, in whatever layout the kernels want). Opaque to the engine; read-only.
+
+Network primitives
+    logits(net, x) -> (N, K)
+    loss_grad(net, x, labels, loss) -> (values (N,), dx (N, *S), logits (N, K))
+        Per-image loss ('ce' softmax cross-entropy from logits by log-sum-exp, or 'cw' margin)
+        and the gradient of their SUM with respect to x (so an image's gradient does not
+        depend on the batch), plus the logits of the same forward pass (the engine's
+        early-stop check reads them, so it costs no extra forward).
+    jacobian(net, x) -> (J (N, K, D), logits (N, K))
+        J[n, k] = d z_k(x_n) / d x_n, one batched backward pass seeded with the K one-hot rows.
+    param_grads(net, x, labels, loss) -> (mean loss (float), grads)
+        grads: a list with one dict per layer (the model's ``params`` layout), the gradient
+        of the MEAN loss over the batch; used by adversarial training.
+
+Steps and projections (fused, elementwise; x0 is the clean batch, active (N,) bool)
+    linf_step(xa, g, x0, eps, alpha, lo, hi, active) -> xa'
+        xa' = clip(clip(xa + alpha * sign(g), x0 - eps, x0 + eps), lo, hi) where active,
+        xa where not. sign(0) = 0. Exact (no tolerance) against the reference.
+    l2_step(xa, g, x0, eps, alpha, lo, hi, active) -> xa'
+        xa + alpha * g / ||g||_2 (a zero gradient gives a zero step), then the L2 ball of
+        radius eps around x0, then the box; per image.
+    l1_step(xa, g, x0, eps, alpha, lo, hi, active, sparsity) -> xa'
+        The sparse L1 steepest-ascent step of ``reference.projections.steepest_step`` (SLIDE,
+        box-aware), then the exact L1-ball projection (Duchi et al. 2008), then the box.
+
+JSMA search (streamed: no n x n table is ever built)
+    jsma_best_pair(a, b, domain, theta) -> (p (N,) int64, q (N,) int64, found (N,) bool)
+        a, b: (N, D) in dt; domain: (N, D) bool. The admissible pair {p < q} maximising
+        -(a_p + a_q) (b_p + b_q) with alpha > 0, beta < 0 for theta > 0 (signs flipped for
+        theta < 0); ties -> smallest p, then smallest q. As ``reference.jsma.best_pair``.
+    jsma_best_feature(a, b, domain, theta) -> (i (N,) int64, found (N,) bool)
+
+Differential evolution (the draws come from the engine; the arithmetic is the backend's)
+    de_step(pop, draws, F, CR, lower, upper) -> trial
+        pop (N, P, dim) in dt; draws a dict of device arrays: 'r1', 'r2', 'r3' (N, P) int64,
+        and with CR also 'cross' (N, P, dim) and 'forced' (N, P); CR None (no crossover, Su
+        et al.) or a float; lower, upper (dim,). DE/rand/1, optional binomial crossover, then
+        clipping to the bounds, as ``reference.pixel.de_step``.
+    de_score(net, x, labels, pop, targeted) -> (fitness (N, P), pred (N, P) int64)
+        Writes each candidate's pixels into a copy of its image (floor of row/col, clamped;
+        later pixels win) and scores all N*P candidates in one batched pass: fitness =
+        log softmax_y (untargeted, minimised) or -log softmax_t (targeted). A backend may
+        compute it incrementally (a changed pixel changes only its receptive field) but must
+        equal full scoring to float tolerance.
+"""
+
+PRIMITIVES = (
+    "to_device", "to_host", "prepare", "logits", "loss_grad", "jacobian", "param_grads",
+    "linf_step", "l2_step", "l1_step", "jsma_best_pair", "jsma_best_feature", "de_step",
+    "de_score",
+)
+
+
+def missing_primitives(backend):
+    """Names of the contract's primitives a backend module lacks (empty when complete)."""
+    return [name for name in PRIMITIVES if not callable(getattr(backend, name, None))]
