@@ -273,7 +273,6 @@ def cmd_grad(args):
 def cmd_verify(args):
     import json
 
-    import numpy as np
 
     from .attacks import run_attack
     from .verify import compare

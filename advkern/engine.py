@@ -15,13 +15,12 @@ tolerances (gradient-sign ties for sign steps, float rounding for L2/L1).
 import numpy as np
 
 from . import kernels
-from ._validate import check_batch, check_int, check_targets, per_sample_rngs
-from .errors import AdvkernError, ShapeError
+from ._validate import check_batch, per_sample_rngs
+from .errors import AdvkernError
 from .reference import gradient_attacks as _ga
 from .reference import jsma as _jsma
 from .reference import pixel as _px
-from .reference.losses import LOSSES
-from .reference.projections import check_norm, check_sparsity, per_sample_eps
+from .reference.projections import per_sample_eps
 
 
 def _backend(backend):
@@ -32,20 +31,6 @@ def _predict(xp, z):
     if z.shape[1] == 1:
         return (z[:, 0] > 0).astype(np.int64)
     return z.argmax(axis=1)
-
-
-def _labels(model, y, targeted, target):
-    if targeted:
-        return check_targets(target, y, model.num_classes), -1.0
-    if target is not None:
-        raise AdvkernError("target given but targeted=False: pass targeted=True for a "
-                           "targeted attack")
-    return y, 1.0
-
-
-def _check_loss(loss):
-    if loss not in LOSSES:
-        raise AdvkernError(f"unknown loss {loss!r}: use one of {sorted(LOSSES)}")
 
 
 # -- gradient attacks ---------------------------------------------------------------------
@@ -87,16 +72,9 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
     logits for the early-stop check) and one fused ``*_step`` (step, ball, box, freeze).
     """
     be = _backend(backend)
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    e = per_sample_eps(eps, len(x))
-    norm = check_norm(norm)
-    _check_loss(loss)
-    a = per_sample_eps(alpha, len(x), name="alpha", allow_zero=False)
-    steps = check_int(steps, "steps", minimum=1)
-    restarts = check_int(restarts, "restarts", minimum=1)
-    check_sparsity(l1_sparsity)
-    labels, sign = _labels(model, y, targeted, target)
-    rngs = per_sample_rngs(seed, len(x))
+    x, y, (lo, hi), e, norm, a, steps, restarts, labels, sign, rngs = _ga.check_pgd_args(
+        model, x, y, eps, alpha, steps, norm, loss, restarts, targeted, target, clip, seed,
+        l1_sparsity)
     if not e.any():
         return x.copy()
 
@@ -169,22 +147,9 @@ def jsma(model, x, y, target, *, theta=1.0, gamma=0.1, variant="pair", use_logit
     ``jsma_best_pair`` / ``jsma_best_feature`` search.
     """
     be = _backend(backend)
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    if variant not in _jsma.VARIANTS:
-        raise AdvkernError(f"variant must be one of {_jsma.VARIANTS}, got {variant!r}")
-    theta = _jsma._check_theta(theta)
-    if not isinstance(use_logits, (bool, np.bool_)):
-        raise AdvkernError(f"use_logits must be True or False, got {use_logits!r}")
+    x, y, (lo, hi), theta, t, max_iter = _jsma.check_jsma_args(model, x, y, target, theta,
+                                                               gamma, variant, use_logits, clip)
     n_img, n = len(x), int(np.prod(model.input_shape))
-    max_iter = _jsma.max_iterations(n, gamma, variant)
-    if use_logits and model.num_logits == 1:
-        raise AdvkernError("JSMA on the logits of a binary (one-logit) model is degenerate: "
-                           "use use_logits=False")
-    if isinstance(target, str):
-        if target != "next":
-            raise AdvkernError(f"target must be labels or 'next', got {target!r}")
-        target = (y + 1) % model.num_classes
-    t = check_targets(target, y, model.num_classes)
 
     xp = be.xp
     dt = x.dtype
@@ -238,18 +203,8 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
     the backend; the population and its fitness never leave it.
     """
     be = _backend(backend)
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    if len(model.input_shape) != 3:
-        raise ShapeError(f"pixel_attack needs image models with input (C, H, W), "
-                         f"got input shape {model.input_shape}")
-    k = check_int(pixels, "pixels", minimum=1)
-    p = check_int(popsize, "popsize", minimum=4)
-    n_gen = check_int(generations, "generations", minimum=1)
-    if not (isinstance(F, (int, float)) and 0 < F <= 2):
-        raise AdvkernError(f"F must be in (0, 2], got {F!r}")
-    if CR is not None and not (isinstance(CR, (int, float)) and 0 <= CR <= 1):
-        raise AdvkernError(f"CR must be in [0, 1] (or None for no crossover), got {CR!r}")
-    labels, _ = _labels(model, y, targeted, target)
+    x, y, (lo, hi), k, p, n_gen, F, CR, labels = _px.check_pixel_args(
+        model, x, y, pixels, popsize, generations, F, CR, targeted, target, clip)
 
     xp = be.xp
     n, c = len(x), model.input_shape[0]

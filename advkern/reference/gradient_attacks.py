@@ -136,6 +136,25 @@ def random_init(x, eps, norm, rngs, clip=(0.0, 1.0)):
     return project(x + u.reshape(x.shape).astype(x.dtype), x, e, norm, clip)
 
 
+def check_pgd_args(model, x, y, eps, alpha, steps, norm, loss, restarts, targeted, target,
+                   clip, seed, l1_sparsity):
+    """Validate PGD's arguments (shared with the engine, so both raise the same errors).
+
+    Returns (x, y, (lo, hi), eps (N,), norm, alpha (N,), steps, restarts, labels, sign,
+    rngs): labels the loss is taken on, sign +1 (ascend) or -1 (targeted: descend).
+    """
+    x, y, box = check_batch(model, x, y, clip)
+    e = per_sample_eps(eps, len(x))
+    norm = check_norm(norm)
+    _check_loss(loss)
+    alpha = per_sample_eps(alpha, len(x), name="alpha", allow_zero=False)
+    steps = check_int(steps, "steps", minimum=1)
+    restarts = check_int(restarts, "restarts", minimum=1)
+    check_sparsity(l1_sparsity)
+    labels, sign = _labels_for_loss(model, y, targeted, target)
+    return x, y, box, e, norm, alpha, steps, restarts, labels, sign, per_sample_rngs(seed, len(x))
+
+
 def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=False,
         restarts=1, targeted=False, target=None, early_stop=False, clip=(0.0, 1.0), seed=0,
         l1_sparsity=0.95):
@@ -168,17 +187,10 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
     x: (N, *input_shape) float32/64 in [lo, hi]; y: (N,); eps: float or (N,) >= 0.
     Returns x_adv (N, *input_shape) in x's dtype.
     """
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    e = per_sample_eps(eps, len(x))
-    norm = check_norm(norm)
-    _check_loss(loss)
-    alpha = per_sample_eps(alpha, len(x), name="alpha", allow_zero=False)
-    steps = check_int(steps, "steps", minimum=1)
-    restarts = check_int(restarts, "restarts", minimum=1)
-    check_sparsity(l1_sparsity)
-    labels, sign = _labels_for_loss(model, y, targeted, target)
+    x, y, (lo, hi), e, norm, alpha, steps, restarts, labels, sign, rngs = check_pgd_args(
+        model, x, y, eps, alpha, steps, norm, loss, restarts, targeted, target, clip, seed,
+        l1_sparsity)
     tgt = labels if targeted else None
-    rngs = per_sample_rngs(seed, len(x))
     if not e.any():
         return x.copy()
 

@@ -245,6 +245,30 @@ def saliency_terms(jac, logits, target, use_logits=True):
 
 # -- the attack -----------------------------------------------------------------------------
 
+def check_jsma_args(model, x, y, target, theta, gamma, variant, use_logits, clip):
+    """Validate JSMA's arguments (shared with the engine, so both raise the same errors).
+
+    Returns (x, y, (lo, hi), theta, target (N,), max_iter); target 'next' is resolved.
+    """
+    x, y, (lo, hi) = check_batch(model, x, y, clip)
+    if variant not in VARIANTS:
+        raise AdvkernError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    theta = _check_theta(theta)
+    if not isinstance(use_logits, (bool, np.bool_)):
+        raise AdvkernError(f"use_logits must be True or False, got {use_logits!r}")
+    n = int(np.prod(model.input_shape))
+    max_iter = max_iterations(n, gamma, variant)
+    if use_logits and model.num_logits == 1:
+        raise AdvkernError("JSMA on the logits of a binary (one-logit) model is degenerate "
+                           "(b = 0 for target 1, a = 0 for target 0): use use_logits=False")
+    if isinstance(target, str):
+        if target != "next":
+            raise AdvkernError(f"target must be labels or 'next', got {target!r}")
+        target = (y + 1) % model.num_classes
+    t = check_targets(target, y, model.num_classes)
+    return x, y, (lo, hi), theta, t, max_iter
+
+
 def jsma(model, x, y, target, *, theta=1.0, gamma=0.1, variant="pair", use_logits=True,
          clip=(0.0, 1.0), block=256):
     """Targeted JSMA (Papernot et al. 2016) on a batch; returns a new x_adv and per-image info.
@@ -282,24 +306,11 @@ def jsma(model, x, y, target, *, theta=1.0, gamma=0.1, variant="pair", use_logit
     iteration, then the per-image searches. Every image's path depends only on itself, so a
     batch result equals the per-image results. Deterministic (no randomness).
     """
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    if variant not in VARIANTS:
-        raise AdvkernError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    theta = _check_theta(theta)
+    x, y, (lo, hi), theta, t, max_iter = check_jsma_args(model, x, y, target, theta, gamma,
+                                                         variant, use_logits, clip)
     block = check_int(block, "block")
-    if not isinstance(use_logits, (bool, np.bool_)):
-        raise AdvkernError(f"use_logits must be True or False, got {use_logits!r}")
     n_img = len(x)
     n = int(np.prod(model.input_shape))
-    max_iter = max_iterations(n, gamma, variant)
-    if use_logits and model.num_logits == 1:
-        raise AdvkernError("JSMA on the logits of a binary (one-logit) model is degenerate "
-                           "(b = 0 for target 1, a = 0 for target 0): use use_logits=False")
-    if isinstance(target, str):
-        if target != "next":
-            raise AdvkernError(f"target must be labels or 'next', got {target!r}")
-        target = (y + 1) % model.num_classes
-    t = check_targets(target, y, model.num_classes)
 
     dt = x.dtype
     step, lo_d, hi_d = dt.type(theta), dt.type(lo), dt.type(hi)

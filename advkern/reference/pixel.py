@@ -247,6 +247,35 @@ def score_candidates(model, images, labels, targeted=False):
 
 # -- the attack -------------------------------------------------------------------------------
 
+def check_pixel_args(model, x, y, pixels, popsize, generations, F, CR, targeted, target, clip):
+    """Validate the pixel attack's arguments (shared with the engine: the same errors).
+
+    Returns (x, y, (lo, hi), pixels, popsize, generations, F, CR, labels) where labels are
+    the true classes (untargeted) or the targets.
+    """
+    x, y, (lo, hi) = check_batch(model, x, y, clip)
+    if len(model.input_shape) != 3:
+        raise ShapeError(f"pixel_attack needs image models with input (C, H, W), "
+                         f"got input shape {model.input_shape}")
+    k = check_int(pixels, "pixels", minimum=1)
+    p = check_int(popsize, "popsize", minimum=4)
+    n_gen = check_int(generations, "generations", minimum=1)
+    F = check_positive(F, "F")
+    if F > 2:
+        raise AdvkernError(f"F must be in (0, 2], got {F}")
+    if CR is not None:
+        CR = check_positive(CR, "CR", allow_zero=True)
+        if CR > 1:
+            raise AdvkernError(f"CR must be in [0, 1] (or None for no crossover), got {CR}")
+    if targeted:
+        labels = check_targets(target, y, model.num_classes)
+    elif target is not None:
+        raise AdvkernError("target given for an untargeted attack; pass targeted=True")
+    else:
+        labels = y
+    return x, y, (lo, hi), k, p, n_gen, F, CR, labels
+
+
 def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, CR=None,
                  targeted=False, target=None, seed=0, clip=(0.0, 1.0), early_stop=True,
                  batch_images=None):
@@ -269,28 +298,10 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
     model evaluations (P (1 + generations)), 'pred' (N,) int64 its prediction, and
     'candidate' (N, k, 2 + C) the returned candidate (row, col, values) in x's dtype.
     """
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    if len(model.input_shape) != 3:
-        raise ShapeError(f"pixel_attack needs image models with input (C, H, W), "
-                         f"got input shape {model.input_shape}")
-    k = check_int(pixels, "pixels", minimum=1)
-    p = check_int(popsize, "popsize", minimum=4)
-    n_gen = check_int(generations, "generations", minimum=1)
-    F = check_positive(F, "F")
-    if F > 2:
-        raise AdvkernError(f"F must be in (0, 2], got {F}")
-    if CR is not None:
-        CR = check_positive(CR, "CR", allow_zero=True)
-        if CR > 1:
-            raise AdvkernError(f"CR must be in [0, 1] (or None for no crossover), got {CR}")
+    x, y, (lo, hi), k, p, n_gen, F, CR, labels = check_pixel_args(
+        model, x, y, pixels, popsize, generations, F, CR, targeted, target, clip)
     if batch_images is not None:
         batch_images = check_int(batch_images, "batch_images", minimum=1)
-    if targeted:
-        labels = check_targets(target, y, model.num_classes)
-    elif target is not None:
-        raise AdvkernError("target given for an untargeted attack; pass targeted=True")
-    else:
-        labels = y
 
     n = len(x)
     c = model.input_shape[0]
