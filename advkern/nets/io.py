@@ -59,7 +59,8 @@ def load(path):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ModelFileError(f"{path}: unsupported model file format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     cfg = meta["model"]
-    n = len(cfg.get("layers", [])) if isinstance(cfg, dict) else 0
+    layers = cfg.get("layers") if isinstance(cfg, dict) else None
+    n = len(layers) if isinstance(layers, list) else 0
     params = [{} for _ in range(n)]
     for key, a in files.items():
         layer, _, name = key.partition(".")

@@ -86,7 +86,7 @@ def margin(logits, y, kappa=None):
     d[rows, y] = -1
     if kappa is not None:
         clipped = loss < -kappa
-        loss = np.maximum(loss, -kappa)
+        loss = np.maximum(loss, loss.dtype.type(-kappa))
         d[clipped] = 0
     return loss, _from_two_class(d, k)
 
