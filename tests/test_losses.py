@@ -266,10 +266,7 @@ def test_losses_keep_dtype_and_do_not_modify_inputs(name, k, dtype):
 
 @pytest.mark.parametrize("kappa", [
     0.5, 1, np.float32(0.5),
-    pytest.param(np.float64(0.5), marks=pytest.mark.xfail(
-        strict=True, reason="BUG: margin() clips with np.maximum(loss, -kappa); a NumPy "
-        "float64 kappa is a strong scalar under NEP 50 and promotes float32 losses to "
-        "float64. Fix: np.maximum(loss, loss.dtype.type(-kappa)) (or float(kappa) first).")),
+    np.float64(0.5),
 ])
 def test_margin_kappa_of_any_scalar_type_keeps_float32(kappa):
     z, y, _ = _logits(4, 3, 1, dtype=np.float32)

@@ -481,12 +481,7 @@ def test_overwritten_bytes_are_model_file_errors(tmp_path, seed):
 
 
 @pytest.mark.parametrize("model_cfg", [
-    pytest.param({"layers": 5, "input_shape": [3]}, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="BUG: load() computes len(cfg.get('layers', [])) before validating the config, "
-               "so a non-sized 'layers' (int/None/float) raises TypeError. Fix: in load(), "
-               "n = len(cfg['layers']) only if isinstance(cfg.get('layers'), list), else 0 "
-               "(from_config then raises the ModelFileError).")),
+    {"layers": 5, "input_shape": [3]},
     {"layers": "abc", "input_shape": [3]},
     {"layers": [], "input_shape": "abc"},
     {"layers": [{"type": "dense", "units": "x"}], "input_shape": [3]},
