@@ -27,8 +27,10 @@ Network primitives
         and the gradient of their SUM with respect to x (so an image's gradient does not
         depend on the batch), plus the logits of the same forward pass (the engine's
         early-stop check reads them, so it costs no extra forward).
-    jacobian(net, x) -> (J (N, K, D), logits (N, K))
-        J[n, k] = d z_k(x_n) / d x_n, one batched backward pass seeded with the K one-hot rows.
+    jacobian(net, x, seeds=None) -> (J (N, R, D), logits (N, K))
+        J[n, r] = seeds[n, r] . d z(x_n) / d x_n: one forward and one batched backward pass
+        seeded with the R rows of seeds (N, R, K). seeds None: the K one-hot rows (R = K,
+        the full logit Jacobian). JSMA needs only R = 2 rows (target, sum of the others).
     param_grads(net, x, labels, loss) -> (mean loss (float), grads)
         grads: a list with one dict per layer (the model's ``params`` layout), the gradient
         of the MEAN loss over the batch; used by adversarial training.

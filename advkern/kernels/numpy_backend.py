@@ -40,8 +40,11 @@ def loss_grad(net, x, labels, loss):
     return values, dx, z
 
 
-def jacobian(net, x):
-    return _net.jacobian(net, x), logits(net, x)
+def jacobian(net, x, seeds=None):
+    jac = _net.jacobian(net, x)
+    if seeds is not None:
+        jac = np.einsum("nrk,nkd->nrd", np.asarray(seeds, dtype=jac.dtype), jac)
+    return jac, logits(net, x)
 
 
 def param_grads(net, x, labels, loss):
