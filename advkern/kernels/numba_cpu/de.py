@@ -473,7 +473,6 @@ class _Plan:
             return
         self.mode = "chain"
         self.dense_idx = i + 1
-        self.conv_idx = [ci for ci, _ in convs]
         self.fuse_relu = self.dense_idx + 1 < len(layers) and \
             layers[self.dense_idx + 1].type == "relu"
         self.rest = self.dense_idx + (2 if self.fuse_relu else 1)
@@ -666,8 +665,9 @@ def _run_rows(kernel, m, args):
     if nt == 1 or m < 64 * nt:
         kernel(0, m, *args)
         return
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=nt, thread_name_prefix="advkern-de"))
+    with _PLANS_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max_workers=nt, thread_name_prefix="advkern-de"))
     step = -(-m // (4 * nt))  # a few blocks per thread balance uneven candidates
     futures = [_POOL[0].submit(kernel, s, min(m, s + step), *args) for s in range(0, m, step)]
     for f in futures:
