@@ -355,6 +355,22 @@ def cmd_sweep(args):
     return 0
 
 
+def cmd_bench(args):
+    """``python -m bench`` (bench/ lives in the source checkout, beside the package)."""
+    import importlib
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path and (Path(root) / "bench" / "run.py").exists():
+        sys.path.insert(0, root)
+    try:
+        run = importlib.import_module("bench.run")
+    except ImportError:
+        raise AdvkernError("advkern bench needs a source checkout (the bench/ folder): "
+                           "run it from the repository, or use python -m bench there") from None
+    return run.main(args.args)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -461,6 +477,12 @@ def build_parser():
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--png", metavar="FILE")
     w.set_defaults(func=cmd_sweep)
+
+    b = sub.add_parser("bench", add_help=False, prefix_chars="+",
+                       help="validate, then time, every backend (source checkout; "
+                            "advkern bench --help)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="reproduce the seeds' headline results on bundled MNIST")
     d.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
