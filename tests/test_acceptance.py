@@ -58,7 +58,7 @@ def test_five_pixels_beat_one_pixel(trained, test_split):
     x, y = test_split
     m = trained("mlp")
     rates = [run_attack(m, x[:50], y[:50], "pixel", pixels=k, popsize=400, generations=100,
-                        seed=1).metrics["success_rate_on_correct"] for k in (1, 5)]
+                        seed=0).metrics["success_rate_on_correct"] for k in (1, 5)]
     assert rates[1] > rates[0], rates
 
 
