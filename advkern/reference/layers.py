@@ -146,7 +146,7 @@ def maxpool2d_forward(x, kernel=(2, 2), stride=(2, 2)):
     """
     cols = _windows(x, kernel, stride)
     n, c, ho, wo = cols.shape[:4]
-    flat = cols.reshape(n, c, ho, wo, -1)
+    flat = cols.reshape(n, c, ho, wo, kernel[0] * kernel[1])
     arg = flat.argmax(axis=-1)
     out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
     return out, (x.shape, arg, tuple(kernel), tuple(stride))

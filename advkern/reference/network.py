@@ -106,4 +106,4 @@ def jacobian(model, x):
     logits, caches = forward(model, xr)
     seeds = np.tile(np.eye(k, dtype=x.dtype), (n, 1))
     dx, _ = backward(model, seeds, caches, need_params=False)
-    return dx.reshape(n, k, -1)
+    return dx.reshape(n, k, int(np.prod(model.shapes[0])))
