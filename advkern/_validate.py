@@ -111,14 +111,20 @@ def per_sample_rngs(seed, n):
     reproduces the batch run with seed=[seed_i], and a slice x[a:b] of a batch attacked
     with int seed s reproduces it with seed=[[s, a], ..., [s, b - 1]].
     """
+    return [np.random.default_rng(e) for e in seed_entropy(seed, n)]
+
+
+def seed_entropy(seed, n):
+    """The validated per-image seeds of ``per_sample_rngs`` (ints or pairs), without building
+    the generators (which costs ~20 us each: skip it when no randomness is drawn)."""
     if np.ndim(seed) == 0:
         s = check_int(int(seed) if isinstance(seed, (np.integer,)) else seed, "seed", minimum=0)
-        return [np.random.default_rng([s, i]) for i in range(n)]
+        return [[s, i] for i in range(n)]
     seeds = np.asarray(seed)
     if seeds.ndim == 2 and seeds.shape == (n, 2) and seeds.dtype.kind in "iu" and \
             (n == 0 or seeds.min() >= 0):
-        return [np.random.default_rng([int(a), int(b)]) for a, b in seeds]
+        return [[int(a), int(b)] for a, b in seeds]
     if seeds.shape != (n,) or seeds.dtype.kind not in "iu" or (n and seeds.min() < 0):
         raise AdvkernError(f"seed must be a non-negative int or {n} non-negative ints, "
                            f"got shape {seeds.shape} dtype {seeds.dtype}")
-    return [np.random.default_rng(int(s)) for s in seeds]
+    return [int(s) for s in seeds]

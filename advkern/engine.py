@@ -74,7 +74,7 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
     be = _backend(backend)
     x, y, (lo, hi), e, norm, a, steps, restarts, labels, sign, rngs = _ga.check_pgd_args(
         model, x, y, eps, alpha, steps, norm, loss, restarts, targeted, target, clip, seed,
-        l1_sparsity)
+        l1_sparsity, random_start)
     if not e.any():
         return x.copy()
 
