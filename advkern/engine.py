@@ -254,10 +254,8 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
     xd, lab = be.to_device(x), be.to_device(labels)
     lower_d, upper_d = be.to_device(lower), be.to_device(upper)
 
-    best = xp.zeros((n, dim), dtype=dt)
-    best_fit = xp.full(n, np.inf, dtype=dt)
-    best_pred = xp.zeros(n, dtype=np.int64)
-    success = xp.zeros(n, dtype=bool)
+    state = _px.new_best_state(n, dim, dt, xp)
+    best, best_fit, best_pred, success = (state[k] for k in ("best", "fit", "pred", "success"))
 
     def evaluate(idx, cand):
         fit, pred = be.de_score(net, xd[idx], lab[idx], cand, targeted)
@@ -265,14 +263,7 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
         return fit, pred, hit
 
     def track(idx, cand, fit, pred, hit):
-        rows = xp.arange(len(idx))
-        j = xp.where(hit.any(axis=1), xp.where(hit, fit, np.inf).argmin(axis=1),
-                     fit.argmin(axis=1))
-        f, s = fit[rows, j], hit[rows, j]
-        better = (s & ~success[idx]) | ((s == success[idx]) & (f < best_fit[idx]))
-        upd = idx[better]
-        best[upd] = cand[rows[better], j[better]]
-        best_fit[upd], best_pred[upd], success[upd] = f[better], pred[rows, j][better], s[better]
+        _px.track_best(state, idx, cand, fit, pred, hit, xp)
 
     pop = be.to_device(np.stack([_px.init_population(r, p, lower, upper) for r in rngs])) if n \
         else xp.zeros((0, p, dim), dtype=dt)

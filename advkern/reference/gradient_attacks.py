@@ -68,14 +68,7 @@ def fgsm(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.0,
     x: (N, *input_shape) float32/64 in [lo, hi]; y: (N,) int; eps: float or (N,), finite,
     >= 0 (0 returns a copy of x). Returns x' (N, *input_shape) in x's dtype.
     """
-    x, y, (lo, hi) = check_batch(model, x, y, clip)
-    e = per_sample_eps(eps, len(x))
-    labels, sign = _labels_for_loss(model, y, targeted, target)
-    _check_loss(loss)
-    if not e.any():
-        return x.copy()
-    _, g = network.loss_and_input_grad(model, x, labels, loss)
-    return clip_box(x + steepest_step(sign * g, e, "linf"), lo, hi)
+    return _fast_gradient(model, x, y, eps, "linf", targeted, target, loss, clip)
 
 
 def fgm_l2(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.0, 1.0)):
@@ -87,6 +80,11 @@ def fgm_l2(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.
     The norm is per image; a zero gradient gives x' = x (never NaN).
     Shapes and dtypes as :func:`fgsm`.
     """
+    return _fast_gradient(model, x, y, eps, "l2", targeted, target, loss, clip)
+
+
+def _fast_gradient(model, x, y, eps, norm, targeted, target, loss, clip):
+    """One steepest-ascent step of length eps in ``norm`` from x, then the box."""
     x, y, (lo, hi) = check_batch(model, x, y, clip)
     e = per_sample_eps(eps, len(x))
     labels, sign = _labels_for_loss(model, y, targeted, target)
@@ -94,7 +92,7 @@ def fgm_l2(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.
     if not e.any():
         return x.copy()
     _, g = network.loss_and_input_grad(model, x, labels, loss)
-    return clip_box(x + steepest_step(sign * g, e, "l2"), lo, hi)
+    return clip_box(x + steepest_step(sign * g, e, norm), lo, hi)
 
 
 # -- projected gradient descent ---------------------------------------------------------

@@ -247,6 +247,31 @@ def score_candidates(model, images, labels, targeted=False):
 
 # -- the attack -------------------------------------------------------------------------------
 
+def new_best_state(n, dim, dtype, xp=np):
+    """The attack's per-image record of its best candidate so far (see ``track_best``)."""
+    return {"best": xp.zeros((n, dim), dtype=dtype), "fit": xp.full(n, np.inf, dtype=dtype),
+            "pred": xp.zeros(n, dtype=np.int64), "success": xp.zeros(n, dtype=bool)}
+
+
+def track_best(state, idx, cand, fit, pred, hit, xp=np):
+    """Update, in place, each scored image's best candidate by the key (successful first,
+    then lower fitness; the first such member on ties; a later generation replaces the
+    record only when strictly better).
+
+    state: from ``new_best_state``; idx (M,) the images scored; cand (M, P, dim); fit, pred,
+    hit (M, P). xp: the array module of the arrays (numpy, or a GPU backend's).
+    """
+    best, best_fit, best_pred, success = (state[k] for k in ("best", "fit", "pred", "success"))
+    rows = xp.arange(len(idx))
+    j = xp.where(hit.any(axis=1), xp.where(hit, fit, np.inf).argmin(axis=1),
+                 fit.argmin(axis=1))
+    f, s = fit[rows, j], hit[rows, j]
+    better = (s & ~success[idx]) | ((s == success[idx]) & (f < best_fit[idx]))
+    upd = idx[better]
+    best[upd] = cand[rows[better], j[better]]
+    best_fit[upd], best_pred[upd], success[upd] = f[better], pred[rows, j][better], s[better]
+
+
 def check_pixel_args(model, x, y, pixels, popsize, generations, F, CR, targeted, target, clip):
     """Validate the pixel attack's arguments (shared with the engine: the same errors).
 
@@ -323,21 +348,11 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
         hit = pred == labels[idx][:, None] if targeted else pred != labels[idx][:, None]
         return fit, pred, hit
 
-    best = np.zeros((n, dim), dtype=dtype)
-    best_fit = np.full(n, np.inf, dtype=dtype)
-    best_pred = np.zeros(n, dtype=np.int64)
-    success = np.zeros(n, dtype=bool)
+    state = new_best_state(n, dim, dtype)
+    best, best_fit, best_pred, success = (state[k] for k in ("best", "fit", "pred", "success"))
 
     def track(idx, cand, fit, pred, hit):
-        # Best candidate so far by the key (successful first, then lower fitness).
-        rows = np.arange(len(idx))
-        j = np.where(hit.any(axis=1), np.where(hit, fit, np.inf).argmin(axis=1),
-                     fit.argmin(axis=1))
-        f, s = fit[rows, j], hit[rows, j]
-        better = (s & ~success[idx]) | ((s == success[idx]) & (f < best_fit[idx]))
-        upd = idx[better]
-        best[upd] = cand[rows[better], j[better]]
-        best_fit[upd], best_pred[upd], success[upd] = f[better], pred[rows, j][better], s[better]
+        track_best(state, idx, cand, fit, pred, hit)
 
     pop = np.stack([init_population(r, p, lower, upper) for r in rngs]) if n else \
         np.zeros((0, p, dim), dtype=dtype)

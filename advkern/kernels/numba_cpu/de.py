@@ -178,6 +178,16 @@ def _forward_rest(net, start, h):
 
 # -- incremental kernels ----------------------------------------------------------------------
 
+@njit(cache=True, nogil=True, inline="always")
+def _overwritten(rows, cols, m, j, k):
+    """Whether a later pixel of candidate m writes the same (row, col) as pixel j: then
+    pixel j has no effect (the last write wins, as in reference.pixel.apply_candidates)."""
+    for j2 in range(j + 1, k):
+        if rows[m, j2] == rows[m, j] and cols[m, j2] == cols[m, j]:
+            return True
+    return False
+
+
 @njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd, wd_rows,
                  wd_dots, relu_out, zero, one, out):
@@ -220,11 +230,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
         cnt = 0
         for j in range(k):
             r, c = rows[m, j], cols[m, j]
-            later = False
-            for j2 in range(j + 1, k):
-                if rows[m, j2] == r and cols[m, j2] == c:
-                    later = True
-            if later:
+            if _overwritten(rows, cols, m, j, k):
                 continue
             pos = r * w_img + c
             nz = 0
@@ -399,12 +405,7 @@ def _mlp2_range(m0, m1, rows, cols, vals, x, p_n, w1, h1, h2, g, gidx, w2, relu_
         nf = 0
         for j in range(k):
             r, c = rows[m, j], cols[m, j]
-            later = False
-            for j2 in range(j + 1, k):
-                if rows[m, j2] == r and cols[m, j2] == c:
-                    later = True
-                    break
-            if later:
+            if _overwritten(rows, cols, m, j, k):
                 continue
             for ch in range(n_ch):
                 d = vals[m, j, ch] - x[n, ch, r, c]

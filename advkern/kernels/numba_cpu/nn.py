@@ -222,6 +222,18 @@ def _col2im(dcols, dx, y, rep, act, h, w, c, kh, kw, sh, sw, pt, pl, ho, wo):
             _dact(dm, y[m // rep], act)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tap_cols(wo, sw, v, pl, w):
+    """The output columns [j0, j1) whose input column j*sw + v - pl lies in [0, w)."""
+    j0 = 0
+    while j0 < wo and j0 * sw + v - pl < 0:
+        j0 += 1
+    j1 = wo
+    while j1 > j0 and (j1 - 1) * sw + v - pl >= w:
+        j1 -= 1
+    return j0, j1
+
+
 @njit(cache=True, nogil=True)
 def _im2col_t(x, cols_t, h, w, kh, kw, sh, sw, pt, pl, ho, wo):
     """One-channel im2col, transposed: cols_t[u*KW + v, (n*Ho + i)*Wo + j] = xpad[n, i*sh + u,
@@ -240,13 +252,7 @@ def _im2col_t(x, cols_t, h, w, kh, kw, sh, sw, pt, pl, ho, wo):
     for u in range(kh):
         for v in range(kw):
             row = uint64(u * kw + v) * npix
-            # the output columns [j0, j1) whose input column j*sw + v - pl lies in [0, w)
-            j0 = 0
-            while j0 < wo and j0 * sw + v - pl < 0:
-                j0 += 1
-            j1 = wo
-            while j1 > j0 and (j1 - 1) * sw + v - pl >= w:
-                j1 -= 1
+            j0, j1 = _tap_cols(wo, sw, v, pl, w)
             for m in range(n):
                 for i in range(ho):
                     yy = i * sh + u - pt
@@ -283,12 +289,7 @@ def _col2im_t(dcols_t, dx, y, rep, act, h, w, kh, kw, sh, sw, pt, pl, ho, wo):
     for u in range(kh):
         for v in range(kw):
             row = uint64(u * kw + v) * npix
-            j0 = 0
-            while j0 < wo and j0 * sw + v - pl < 0:
-                j0 += 1
-            j1 = wo
-            while j1 > j0 and (j1 - 1) * sw + v - pl >= w:
-                j1 -= 1
+            j0, j1 = _tap_cols(wo, sw, v, pl, w)
             if j1 <= j0:
                 continue
             for m in range(nr):
