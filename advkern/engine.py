@@ -97,13 +97,15 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
             return be.l2_step(xa, g, x0, eps_d, alpha_d, lo, hi, active)
         return be.l1_step(xa, g, x0, eps_d, alpha_d, lo, hi, active, l1_sparsity)
 
-    best = x0.copy()
+    # Primitives never modify their inputs, so x0 itself can start an attack and the best
+    # result so far can be an attack's own array (no copies of the batch per restart).
+    best = x0
     best_obj = xp.full(len(x), -np.inf)
     best_ok = xp.zeros(len(x), dtype=bool)
     for _ in range(restarts if random_start else 1):
         # The random start is drawn on the host from the per-image generators (an input).
         xa = be.to_device(_ga.random_init(x, e, norm, rngs, (lo, hi))) if random_start \
-            else x0.copy()
+            else x0
         active = xp.ones(len(x), dtype=bool)
         for _ in range(steps):
             _, g, z = be.loss_grad(net, xa, lab, loss)
@@ -115,7 +117,8 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
         values, _, z = be.loss_grad(net, xa, lab, loss)
         obj, ok = sign * values, succeeded(z)
         better = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
-        best[better] = xa[better]
+        best = xa if bool(better.all()) else \
+            xp.where(better.reshape((-1,) + (1,) * (xa.ndim - 1)), xa, best)
         best_obj = xp.where(better, obj, best_obj)
         best_ok = best_ok | ok
     return be.to_host(best)
@@ -276,7 +279,7 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
         if idx.size == 0:
             break
         idx_h = be.to_host(idx)
-        draws = _px.stack_draws([_px.de_draws(rngs[i], p, dim, CR) for i in idx_h])
+        draws = _px.generation_draws([rngs[i] for i in idx_h], p, dim, CR)
         trial = be.de_step(pop[idx], {kk: be.to_device(v) for kk, v in draws.items()}, F, CR,
                            lower_d, upper_d)
         t_fit, t_pred, t_hit = evaluate(idx, trial)

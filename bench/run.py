@@ -53,7 +53,7 @@ FULL = {
     "pixel": {"images": 50, "popsize": 400, "generations": 75},
     "torch_batches": {"mlp": [1000], "cnn": [50, 100, 250, 1000]},
     "gemm_square": 1024, "gemm_batch": 1000,
-    "repeats_primitive": 5, "repeats_attack": 3, "budget_s": 60.0,
+    "repeats_primitive": 5, "repeats_attack": 3, "budget_s": 60.0, "settle_s": 0.3,
     "val_images": 8, "val_pgd_steps": 10, "val_jsma_gamma": 0.1, "val_popsize": 40,
     "val_generations": 5,
 }
@@ -66,7 +66,7 @@ QUICK = {
     "pixel": {"images": 4, "popsize": 12, "generations": 3},
     "torch_batches": {"mlp": [32], "cnn": [8, 32]},
     "gemm_square": 256, "gemm_batch": 64,
-    "repeats_primitive": 2, "repeats_attack": 1, "budget_s": 2.0,
+    "repeats_primitive": 2, "repeats_attack": 1, "budget_s": 2.0, "settle_s": 0.0,
     "val_images": 3, "val_pgd_steps": 3, "val_jsma_gamma": 0.01, "val_popsize": 12,
     "val_generations": 3,
 }
@@ -77,6 +77,15 @@ def log(msg):
 
 
 # -- timing ------------------------------------------------------------------------------------
+
+
+def settle(seconds):
+    """Idle before an item is timed. OpenBLAS's pthread workers spin for ~0.1 s after each
+    multithreaded GEMM (the sgemm rates, the numpy backend, the previous item) and take a
+    core from whatever runs next: measured here, numba_cpu's mlp loss_grad 4.6 ms alone,
+    9.2 ms right after a multithreaded np.dot."""
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def _timed(fn, *args, **kw):
@@ -354,13 +363,16 @@ def time_backend(name, be, prims, attacks, cfg, keep):
     rows = []
     budget, cold_ok = cfg["budget_s"], name == "numpy"
     for item, model, batch, n, gflop, work, make in prims:
-        timing = measure(make(be), cfg["repeats_primitive"], budget, cold_ok)
+        fn = make(be)
+        settle(cfg["settle_s"])
+        timing = measure(fn, cfg["repeats_primitive"], budget, cold_ok)
         extra = {work[0]: work[1] / timing["median_s"]} if work else {}
         rows.append(make_row(item, "primitive", model, name, batch, n, n, timing, gflop,
                              f"{item}/{model}/{batch}", extra))
         log(f"  {name:10s} {item:15s} {model:4s} {batch!s:>8}: "
             f"{1e3 * timing['median_s']:.2f} ms")
     for item, model, n_total, call, probe, gflop_of, extra_of in attacks:
+        settle(cfg["settle_s"])
         n, out, timing = measure_attack(call(name), n_total, probe, cfg["repeats_attack"],
                                         budget)
         if item == "pgd":
@@ -398,6 +410,7 @@ def torch_baseline(cfg, models, x, y, keep, status):
             def call(n, steps=pg["steps"], net=nets[name], batch=batch):
                 return torch_pgd.pgd(torch, net, x[:n], y[:n], pg["eps"], pg["alpha"], steps,
                                      batch)
+            settle(cfg["settle_s"])
             n, out, timing = measure_attack(call, pg["images"],
                                             (batch, {"steps": 1}, pg["steps"]),
                                             cfg["repeats_attack"], cfg["budget_s"])

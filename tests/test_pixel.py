@@ -8,8 +8,8 @@ from advkern.nets import Dense, Flatten, ReLU, Sequential
 from advkern.reference import pixel as px
 from advkern.reference.losses import softmax
 from advkern.reference.pixel import (apply_candidates, candidate_bounds, de_draws, de_select,
-                                     de_step, init_population, pixel_attack, score_candidates,
-                                     stack_draws)
+                                     de_step, generation_draws, init_population, pixel_attack,
+                                     score_candidates, stack_draws)
 
 
 def tiny_mlp(dtype=np.float64, seed=1, shape=(1, 4, 4)):
@@ -118,6 +118,28 @@ def test_de_draws_order_and_constraints():
     np.testing.assert_array_equal(d["cross"], rng.random((p, dim)))
     np.testing.assert_array_equal(d["forced"], rng.integers(0, dim, size=p))
     assert set(de_draws(np.random.default_rng(0), p, dim)) == {"r1", "r2", "r3"}
+
+
+@pytest.mark.parametrize("CR", [None, 0.5])
+def test_generation_draws_equal_per_image_draws(CR):
+    """The batched draws are each image's de_draws, and leave every generator where its own
+    de_draws would (the engine and the reference depend on the stream)."""
+    p, dim, b = 9, 5, 4
+    batch = [np.random.default_rng([11, i]) for i in range(b)]
+    alone = [np.random.default_rng([11, i]) for i in range(b)]
+    for _ in range(3):  # consecutive generations
+        got = generation_draws(batch, p, dim, CR)
+        want = stack_draws([de_draws(r, p, dim, CR) for r in alone])
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype
+            np.testing.assert_array_equal(got[key], want[key])
+    for r1, r2 in zip(batch, alone):
+        assert r1.random() == r2.random()
+    empty = generation_draws([], p, dim, CR)
+    assert empty["r1"].shape == (0, p) and empty["r1"].dtype == np.int64
+    if CR is not None:
+        assert empty["cross"].shape == (0, p, dim) and empty["forced"].shape == (0, p)
 
 
 def test_de_draws_distinct_and_cover_all_allowed_indices():

@@ -35,7 +35,7 @@ so a batch result equals each image's own result with seed=[seed_i]. Generator i
 in this order (and only while image i is still being attacked):
 
 1. initial population: ``rng.random((P, dim))``, mapped to lower + U (upper - lower);
-2. each generation, ``de_draws``: r1 = rng.integers(0, P-1, P), r2 = rng.integers(0, P-2, P),
+2. each generation, ``de_draws`` (``generation_draws`` for a batch): r1 = rng.integers(0, P-1, P), r2 = rng.integers(0, P-2, P),
    r3 = rng.integers(0, P-3, P) (each then shifted past the already-excluded indices in
    ascending order, which maps it uniformly onto the allowed set); then, only with CR,
    U = rng.random((P, dim)) and j_rand = rng.integers(0, dim, P).
@@ -95,8 +95,9 @@ from ..errors import AdvkernError, ShapeError
 from .losses import log_softmax, predict
 from .network import forward
 
-__all__ = ["pixel_attack", "candidate_bounds", "init_population", "de_draws", "de_step",
-           "de_select", "stack_draws", "apply_candidates", "score_candidates"]
+__all__ = ["pixel_attack", "candidate_bounds", "init_population", "de_draws",
+           "generation_draws", "de_step", "de_select", "stack_draws", "apply_candidates",
+           "score_candidates"]
 
 
 # -- primitives -------------------------------------------------------------------------------
@@ -133,9 +134,10 @@ def init_population(rng, popsize, lower, upper):
 
 def _skip(v, excluded):
     # v uniform on [0, P - m); stepping past the m excluded indices in ascending order maps it
-    # uniformly onto {0 .. P-1} minus the excluded set.
-    for e in np.sort(np.stack(excluded, axis=1), axis=1).T:
-        v = v + (v >= e)
+    # uniformly onto {0 .. P-1} minus the excluded set. Any leading shape (per row, last axis).
+    ex = np.sort(np.stack(np.broadcast_arrays(*excluded), axis=-1), axis=-1)
+    for j in range(ex.shape[-1]):
+        v = v + (v >= ex[..., j])
     return v
 
 
@@ -147,17 +149,37 @@ def de_draws(rng, popsize, dim, CR=None):
     (popsize,) int64 in [0, dim) (the coordinate always taken from the mutant). Draw order:
     r1, r2, r3, cross, forced (see the module docstring). Needs popsize >= 4.
     """
+    return {key: v[0] for key, v in generation_draws([rng], popsize, dim, CR).items()}
+
+
+def generation_draws(rngs, popsize, dim, CR=None):
+    """``de_draws`` of every image whose generator is in ``rngs``, stacked: (B, P) / (B, P, dim).
+
+    Each generator is consumed exactly as by ``de_draws``; only the mapping of the raw
+    integers onto the allowed indices is batched (it is elementwise per image).
+    """
     p = popsize
     if p < 4:
         raise AdvkernError(f"popsize must be >= 4 for DE/rand/1, got {p}")
+    raw = []
+    for rng in rngs:
+        r = [rng.integers(0, p - m, size=p) for m in (1, 2, 3)]
+        if CR is not None:
+            r += [rng.random((p, dim)), rng.integers(0, dim, size=p)]
+        raw.append(r)
+    if not raw:
+        shapes = [(0, p)] * 3 + ([(0, p, dim), (0, p)] if CR is not None else [])
+        raw_b = [np.zeros(shp, dtype=np.float64 if len(shp) == 3 else np.int64)
+                 for shp in shapes]
+    else:
+        raw_b = [np.stack(col) for col in zip(*raw)]
     i = np.arange(p)
-    r1 = _skip(rng.integers(0, p - 1, size=p), [i])
-    r2 = _skip(rng.integers(0, p - 2, size=p), [i, r1])
-    r3 = _skip(rng.integers(0, p - 3, size=p), [i, r1, r2])
+    r1 = _skip(raw_b[0], [i])
+    r2 = _skip(raw_b[1], [i, r1])
+    r3 = _skip(raw_b[2], [i, r1, r2])
     draws = {"r1": r1, "r2": r2, "r3": r3}
     if CR is not None:
-        draws["cross"] = rng.random((p, dim))
-        draws["forced"] = rng.integers(0, dim, size=p)
+        draws["cross"], draws["forced"] = raw_b[3], raw_b[4]
     return draws
 
 
@@ -365,7 +387,7 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
         idx = np.flatnonzero(~success) if early_stop else all_idx
         if idx.size == 0:
             break
-        draws = stack_draws([de_draws(rngs[i], p, dim, CR) for i in idx])
+        draws = generation_draws([rngs[i] for i in idx], p, dim, CR)
         trial = de_step(pop[idx], draws, F, CR, lower, upper)
         t_fit, t_pred, t_hit = evaluate(idx, trial)
         pop[idx], fit[idx] = de_select(pop[idx], fit[idx], trial, t_fit)
