@@ -227,7 +227,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
     total = poff[n_conv + 1]
     mark = np.zeros(total, dtype=np.int64)  # 0: unchanged, -1: listed, s > 0: slot s - 1
     plist = np.empty(total, dtype=np.int64)  # changed positions of each stage
-    nzv = np.empty((total, width), dtype=wconv.dtype)  # per slot: its channel deltas
+    delta = np.empty((total, width), dtype=wconv.dtype)  # per slot: its channel deltas
     crow = np.empty(wconv.shape[0], dtype=np.int64)  # contributions to one output
     cval = np.empty(wconv.shape[0], dtype=wconv.dtype)
     acc = np.empty(max(u_n, width), dtype=wconv.dtype)
@@ -244,7 +244,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
             nz = 0
             for ch in range(n_ch):
                 d = vals[m, j, ch] - x[n, ch, r, c]
-                nzv[cnt, ch] = d
+                delta[cnt, ch] = d
                 nz += d != zero
             if nz > 0:
                 plist[cnt] = pos
@@ -296,7 +296,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
                         # Only the non-zero channel deltas (ReLU zeros are common), in
                         # channel order, appended branch-free.
                         for t in range(c_in):
-                            dv = nzv[ip0 + slot - 1, t]
+                            dv = delta[ip0 + slot - 1, t]
                             crow[nc] = wb + t
                             cval[nc] = dv
                             nc += dv != zero
@@ -350,7 +350,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
                 # next stage's gather skips the zeros.
                 for f in range(f_n):
                     dd = acc[f]
-                    nzv[row, f] = dd
+                    delta[row, f] = dd
                     nz += dd != zero
                 if nz > 0:
                     plist[row] = opos
@@ -369,7 +369,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
             for e in range(cnt):
                 base = plist[e] * n_ch
                 for t in range(n_ch):
-                    d = nzv[e, t]
+                    d = delta[e, t]
                     if d == zero:
                         continue
                     wr = base + t
@@ -382,7 +382,7 @@ def _chain_range(m0, m1, rows, cols, vals, x, p_n, meta, wconv, poff, clean, hd,
                 for u in range(u_n):
                     sdot = zero
                     for ch in range(c_l):
-                        sdot += nzv[ip0 + e, ch] * wd_dots[pos, u, ch]
+                        sdot += delta[ip0 + e, ch] * wd_dots[pos, u, ch]
                     acc[u] += sdot
         for e in range(cnt):
             mark[ip0 + plist[ip0 + e]] = 0

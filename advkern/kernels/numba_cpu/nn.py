@@ -803,8 +803,11 @@ def _blas_controller():
 
 
 def _drive(n, step, flops, fn, make_ctx=None):
-    """Run fn(a, b, ctx) over consecutive chunks [a, b) of [0, n) of at most step images.
+    """Run fn(a, b, ctx) over consecutive chunks [a, b) of [0, n) of about step images.
 
+    Each thread's part is cut into equal chunks, as many as its length over step rounds to
+    (so a chunk has at most 1.5 step images): no short tail chunk (a 36-image tail after
+    464 images made the mlp's 1000-image loss_grad 4% slower, 4.56 -> 4.38 ms).
     Returns the per-thread contexts (make_ctx() each; None without make_ctx). Outputs must
     go to disjoint slices; scratch buffers are per thread (see _Plan.buf).
     """
@@ -813,8 +816,9 @@ def _drive(n, step, flops, fn, make_ctx=None):
     ctl = _blas_controller() if _MAX_WORKERS > 1 else False
 
     def run(lo, hi, ctx):
-        for a in range(lo, hi, step):
-            fn(a, min(hi, a + step), ctx)
+        parts = max(1, round((hi - lo) / step))
+        for t in range(parts if hi > lo else 0):
+            fn(lo + (hi - lo) * t // parts, lo + (hi - lo) * (t + 1) // parts, ctx)
         return ctx
 
     if not ctl:
