@@ -161,18 +161,20 @@ def generation_draws(rngs, popsize, dim, CR=None):
     p = popsize
     if p < 4:
         raise AdvkernError(f"popsize must be >= 4 for DE/rand/1, got {p}")
-    raw = []
-    for rng in rngs:
+
+    def image(rng):  # one image's draws, in the documented order
         r = [rng.integers(0, p - m, size=p) for m in (1, 2, 3)]
         if CR is not None:
             r += [rng.random((p, dim)), rng.integers(0, dim, size=p)]
-        raw.append(r)
-    if not raw:
-        shapes = [(0, p)] * 3 + ([(0, p, dim), (0, p)] if CR is not None else [])
-        raw_b = [np.zeros(shp, dtype=np.float64 if len(shp) == 3 else np.int64)
-                 for shp in shapes]
-    else:
+        return r
+
+    raw = [image(rng) for rng in rngs]
+    if raw:
         raw_b = [np.stack(col) for col in zip(*raw)]
+    else:
+        raw_b = [np.zeros((0, p), np.int64)] * 3
+        if CR is not None:
+            raw_b += [np.zeros((0, p, dim)), np.zeros((0, p), np.int64)]
     i = np.arange(p)
     r1 = _skip(raw_b[0], [i])
     r2 = _skip(raw_b[1], [i, r1])
