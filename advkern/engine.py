@@ -68,8 +68,9 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
         l1_sparsity=0.95, backend="numpy"):
     """PGD / BIM on a backend; arguments and result as reference ``gradient_attacks.pgd``.
 
-    Per step: one ``loss_grad`` (forward + loss + input gradient, which also returns the
-    logits for the early-stop check) and one fused ``*_step`` (step, ball, box, freeze).
+    Per step: one ``pgd_step``; with early stop, one ``loss_grad`` (forward + loss + input
+    gradient, which also returns the logits for the success check) and one fused ``*_step``
+    (step, ball, box, freeze).
     """
     be = _backend(backend)
     x, y, (lo, hi), e, norm, a, steps, restarts, labels, sign, rngs = _ga.check_pgd_args(
@@ -108,11 +109,14 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
             else x0
         active = xp.ones(len(x), dtype=bool)
         for _ in range(steps):
+            if not early_stop:  # one primitive an iteration (a backend may fuse it)
+                xa = be.pgd_step(net, xa, lab, loss, sign < 0, x0, eps_d, alpha_d, lo, hi,
+                                 active, norm, l1_sparsity)
+                continue
             _, g, z = be.loss_grad(net, xa, lab, loss)
-            if early_stop:
-                active &= ~succeeded(z)
-                if not bool(active.any()):
-                    break
+            active &= ~succeeded(z)
+            if not bool(active.any()):
+                break
             xa = step(xa, g if sign > 0 else -g, active)
         values, _, z = be.loss_grad(net, xa, lab, loss)
         obj, ok = sign * values, succeeded(z)

@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
 from advkern import kernels
-from advkern.errors import ShapeError
+from advkern.errors import AdvkernError, ShapeError
+from advkern.kernels.contract import composed_pgd_step
 from advkern.nets import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid, Tanh
 from advkern.reference import network
 from advkern.reference import pixel as rpx
@@ -508,6 +509,55 @@ def test_l1_step_matches_and_stays_in_ball_and_box(name, seed, n, shape, dtype, 
     got = run_step(be, "l1_step", args, (lo, hi, sparsity))
     ref = REF.l1_step(*args[:5], lo, hi, args[5], sparsity)
     _check_ball_box(got, ref, args, box, 1, "l1_step")
+
+
+@over_backends
+@NET
+@given(model=small_models(), seed=seeds, n=st.integers(0, 4), dtype=dtypes,
+       loss=st.sampled_from(["ce", "cw"]), norm=st.sampled_from(["linf", "l2", "l1"]),
+       flip=st.booleans())
+def test_pgd_step_is_loss_grad_then_step(name, model, seed, n, dtype, loss, norm, flip):
+    """pgd_step (fused on some backends) is the backend's own loss_grad, then its step along
+    -g when flip, bit for bit; inputs untouched."""
+    be = kernels.get(name)
+    rng = np.random.default_rng(seed)
+    m = model.astype(dtype)
+    net = be.prepare(m, dtype)
+    x0 = rng.random((n, *m.input_shape)).astype(dtype)
+    xa = np.clip(x0 + rng.uniform(-0.2, 0.2, x0.shape), 0, 1).astype(dtype)
+    args = (xa, random_labels(m, rng, n), x0, rng.uniform(0, 0.3, n).astype(dtype),
+            rng.uniform(0, 0.1, n).astype(dtype), rng.random(n) < 0.8)
+    dev = [be.to_device(a) for a in args]
+
+    def call(fn):
+        return host(be, fn(net, dev[0], dev[1], loss, flip, dev[2], dev[3], dev[4], 0.0, 1.0,
+                           dev[5], norm, 0.9))
+
+    got = call(be.pgd_step)
+    want = call(lambda *a: composed_pgd_step(be, *a))
+    assert got.dtype == np.dtype(dtype) and got.shape == xa.shape
+    np.testing.assert_array_equal(bits(got), bits(want))
+    for a, d in zip(args, dev):
+        np.testing.assert_array_equal(host(be, d), a, err_msg="pgd_step modified an input")
+
+
+@pytest.mark.parametrize("name", kernels.available())
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_step_rejects_nonfinite_like_the_step(name, norm):
+    be = kernels.get(name)
+    m = Sequential([Flatten(), Dense(3)], (1, 2, 2), seed=0, dtype=np.float32)
+    net = be.prepare(m, np.float32)
+    x0 = np.full((2, 1, 2, 2), 0.5, np.float32)
+    xa = x0.copy()
+    xa[1, 0, 0, 1] = np.nan
+    args = (net, be.to_device(xa), be.to_device(np.array([0, 1])), "ce", False,
+            be.to_device(x0), 0.1, 0.01, 0.0, 1.0, be.to_device(np.ones(2, bool)), norm, 0.9)
+    with pytest.raises(AdvkernError) as fused:
+        be.pgd_step(*args)
+    with pytest.raises(AdvkernError) as composed:
+        composed_pgd_step(be, *args)
+    assert str(fused.value) == str(composed.value)
+    assert "NaN/Inf" in str(fused.value)
 
 
 # ============================================================================ JSMA search

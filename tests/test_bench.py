@@ -14,6 +14,7 @@ import pytest
 
 from advkern import kernels
 from advkern.kernels import numpy_backend
+from advkern.kernels.contract import composed_pgd_step
 from advkern.nets import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Tanh, build
 from bench import flops, run
 
@@ -75,6 +76,8 @@ def test_failed_and_unavailable_backends_are_reported_not_timed(tmp_path, cache,
     broken.NAME = "broken"
     broken.linf_step = lambda xa, g, x0, eps, alpha, lo, hi, active: \
         numpy_backend.linf_step(xa, -g, x0, eps, alpha, lo, hi, active)  # a sign bug
+    # composed from the broken module's own primitives, as a backend module's pgd_step is
+    broken.pgd_step = lambda *a: composed_pgd_step(broken, *a)
     monkeypatch.setitem(sys.modules, "bench_test_broken_backend", broken)
     monkeypatch.setitem(kernels._BACKENDS, "broken", "bench_test_broken_backend")
     monkeypatch.setitem(kernels._BACKENDS, "ghost", "bench_test_no_such_module")

@@ -45,6 +45,13 @@ Steps and projections (fused, elementwise; x0 is the clean batch, active (N,) bo
     l1_step(xa, g, x0, eps, alpha, lo, hi, active, sparsity) -> xa'
         The sparse L1 steepest-ascent step of ``reference.projections.steepest_step`` (SLIDE,
         box-aware), then the exact L1-ball projection (Duchi et al. 2008), then the box.
+    pgd_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active, norm, sparsity)
+        -> xa'
+        One PGD iteration (the engine's loop without early stop): g = d(sum of losses)/dx at
+        xa as loss_grad gives it, negated when flip (a targeted attack descends), then
+        linf_step / l2_step / l1_step for norm 'linf' / 'l2' / 'l1' (sparsity: l1 only).
+        Exactly :func:`composed_pgd_step`, which a backend may use as it is; a backend may
+        fuse the step into the gradient pass instead (numba_cpu does for 'linf').
 
 JSMA search (streamed: no n x n table is ever built)
     jsma_best_pair(a, b, domain, theta) -> (p (N,) int64, q (N,) int64, found (N,) bool)
@@ -67,11 +74,28 @@ Differential evolution (the draws come from the engine; the arithmetic is the ba
         equal full scoring to float tolerance.
 """
 
+from ..errors import AdvkernError
+
 PRIMITIVES = (
     "to_device", "to_host", "prepare", "logits", "loss_grad", "jacobian", "param_grads",
-    "linf_step", "l2_step", "l1_step", "jsma_best_pair", "jsma_best_feature", "de_step",
-    "de_score",
+    "linf_step", "l2_step", "l1_step", "pgd_step", "jsma_best_pair", "jsma_best_feature",
+    "de_step", "de_score",
 )
+
+_STEPS = {"linf": "linf_step", "l2": "l2_step", "l1": "l1_step"}
+
+
+def composed_pgd_step(be, net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active, norm,
+                      sparsity=0.95):
+    """``pgd_step`` from backend be's own loss_grad and step primitives."""
+    if norm not in _STEPS:
+        raise AdvkernError(f"unknown norm {norm!r}: use one of {sorted(_STEPS)}")
+    _, g, _ = be.loss_grad(net, xa, labels, loss)
+    g = -g if flip else g
+    step = getattr(be, _STEPS[norm])
+    if norm == "l1":
+        return step(xa, g, x0, eps, alpha, lo, hi, active, sparsity)
+    return step(xa, g, x0, eps, alpha, lo, hi, active)
 
 
 def missing_primitives(backend):

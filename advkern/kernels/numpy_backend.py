@@ -5,6 +5,8 @@ yardstick the engine and every fast backend are measured against. Arrays are num
 ``to_device`` copies, ``to_host`` is the identity.
 """
 
+import sys
+
 import numpy as np
 
 from ..reference import jsma as _jsma
@@ -12,6 +14,7 @@ from ..reference import network as _net
 from ..reference import pixel as _pixel
 from ..reference.losses import get_loss
 from ..reference.projections import project, steepest_step
+from .contract import composed_pgd_step
 
 NAME = "numpy"
 xp = np
@@ -68,6 +71,11 @@ def l2_step(xa, g, x0, eps, alpha, lo, hi, active):
 def l1_step(xa, g, x0, eps, alpha, lo, hi, active, sparsity):
     step = steepest_step(g, alpha, "l1", x=xa, clip=(lo, hi), l1_sparsity=sparsity)
     return _masked(xa, project(xa + step, x0, eps, "l1", (lo, hi)), active)
+
+
+def pgd_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active, norm, sparsity=0.95):
+    return composed_pgd_step(sys.modules[__name__], net, xa, labels, loss, flip, x0, eps,
+                             alpha, lo, hi, active, norm, sparsity)
 
 
 def jsma_best_pair(a, b, domain, theta):

@@ -11,15 +11,28 @@ import os
 # contended (measured); passive waiting must be set before numba starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 
+from ..contract import composed_pgd_step  # noqa: E402
 from .de import de_score, de_step  # noqa: E402
-from .nn import forward_from, jacobian, logits, loss_grad, param_grads, prepare, to_device, to_host
-from .steps import jsma_best_feature, jsma_best_pair, l1_step, l2_step, linf_step
+from .nn import (forward_from, jacobian, logits, loss_grad, param_grads,  # noqa: E402
+                 pgd_linf_step, prepare, to_device, to_host)
+from .steps import jsma_best_feature, jsma_best_pair, l1_step, l2_step, linf_step  # noqa: E402
 
 NAME = "numba_cpu"
 xp = np
 
 __all__ = ["NAME", "xp", "de_score", "de_step", "forward_from", "jacobian", "logits",
-           "loss_grad", "param_grads", "prepare", "to_device", "to_host", "jsma_best_feature",
-           "jsma_best_pair", "l1_step", "l2_step", "linf_step"]
+           "loss_grad", "param_grads", "pgd_step", "prepare", "to_device", "to_host",
+           "jsma_best_feature", "jsma_best_pair", "l1_step", "l2_step", "linf_step"]
+
+
+def pgd_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active, norm, sparsity=0.95):
+    """The contract's PGD iteration: L-inf fused (``nn.pgd_linf_step``), L2 / L1 composed
+    (their per-image norms need the whole gradient row first)."""
+    if norm == "linf":
+        return pgd_linf_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active)
+    return composed_pgd_step(sys.modules[__name__], net, xa, labels, loss, flip, x0, eps,
+                             alpha, lo, hi, active, norm, sparsity)

@@ -40,6 +40,7 @@ from numba import njit, uint64
 
 from ...errors import AdvkernError, ShapeError
 from .net import Net
+from .steps import linf_rows, raise_nonfinite, step_args
 
 # Working-set target of one chunk (activations + im2col + gradients, forward and backward),
 # per thread. Measured on the cnn (one thread, us per image per step): 112 at 8-16 images
@@ -964,21 +965,54 @@ def loss_grad(net, x, labels, loss):
     z = np.empty((n, k), plan.dtype)
     values = np.empty(n, plan.dtype)
     dx = np.empty(rows.shape, plan.dtype)
-    rep0 = plan.rep[0]
 
     def work(a, b, _):
-        h = _to_internal(rep0, rows[a:b])
-        outs, aux = _run_logits(plan, h, 0, False, z[a:b])
-        g = plan.buf("dz", b - a, k)
-        _loss(z[a:b], y[a:b], values[a:b], g, cw)
-        gi = _grad_internal(plan, g)
-        if rep0 is None:
-            _backward(plan, gi, h, outs, aux, dx_out=dx[a:b])
-        else:
-            _to_natural(rep0, _backward(plan, gi, h, outs, aux), dx[a:b])
+        _loss_grad_rows(plan, rows, y, cw, z, values, a, b, dx[a:b])
 
     _drive(n, plan.chunk(n), 2 * n * plan.flops, work)
     return values, dx.reshape(np.shape(x)), z
+
+
+def _loss_grad_rows(plan, rows, y, cw, z, values, a, b, dst):
+    """Images a..b of rows (n, D): the logits into z[a:b], the losses into values[a:b] and
+    d(sum of losses)/dx into dst (b - a, D), in caller (NCHW) order."""
+    rep0 = plan.rep[0]
+    h = _to_internal(rep0, rows[a:b])
+    outs, aux = _run_logits(plan, h, 0, False, z[a:b])
+    g = plan.buf("dz", b - a, plan.num_logits)
+    _loss(z[a:b], y[a:b], values[a:b], g, cw)
+    gi = _grad_internal(plan, g)
+    if rep0 is None:
+        _backward(plan, gi, h, outs, aux, dx_out=dst)
+    else:
+        _to_natural(rep0, _backward(plan, gi, h, outs, aux), dst)
+
+
+def pgd_linf_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active):
+    """The contract's ``pgd_step`` for norm 'linf', fused: each chunk's input gradient goes
+    to a per-thread scratch block and is stepped (``steps.linf_rows``) while it is in cache,
+    so no (N, D) gradient is allocated, written out and read back (measured: 40 steps on the
+    mlp, 1000 images, 219 -> 196 ms). Equals loss_grad then linf_step bit for bit.
+    """
+    cw = _loss_kind(loss)
+    plan, rows = _setup(net, xa)
+    xa2, _, x02, e, a_, lo_, hi_, act = step_args(xa, None, x0, eps, alpha, lo, hi, active)
+    n, d, k = rows.shape[0], rows.shape[1], plan.num_logits
+    y = _labels(labels, n, k)
+    z = np.empty((n, k), plan.dtype)
+    values = np.empty(n, plan.dtype)
+    out = np.empty(rows.shape, plan.dtype)
+    bad = np.zeros((n, 3), dtype=np.int64)
+
+    def work(a, b, _):
+        g = plan.buf("dx", b - a, d)
+        _loss_grad_rows(plan, rows, y, cw, z, values, a, b, g)
+        linf_rows(xa2[a:b], g, x02[a:b], e[a:b], a_[a:b], lo_, hi_, act[a:b], flip, out[a:b],
+                  bad[a:b])
+
+    _drive(n, plan.chunk(n), 2 * n * plan.flops, work)
+    raise_nonfinite(bad)
+    return out.reshape(np.shape(xa))
 
 
 def _grad_internal(plan, g):

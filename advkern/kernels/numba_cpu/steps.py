@@ -12,6 +12,9 @@ steepest_step, then project), so the results are the numpy backend's bit for bit
   sum. They agree bit for bit with the numpy backend on everything the tests draw; the
   contract promises only float tolerance, since numpy is free to change how it sums.
 
+``linf_rows``: the same L-inf row step, serial, for ``nn.pgd_linf_step``, which runs it on
+each chunk of images right after the chunk's input gradient (the contract's ``pgd_step``).
+
 ``jsma_best_pair``: the pair search, O(m) memory per image (m = domain size), images in
 parallel, an exact vectorised branch-and-bound (``_pair_search``); ``jsma_best_feature``: one
 O(n) pass per image.
@@ -224,14 +227,17 @@ def _nonfinite(v):
 # -- per-image rows (1-D views of one image; called from the parallel kernel) ---------------
 
 @njit(cache=True)
-def _linf_row(xa, g, x0, e, a, lo, hi, out):
+def _linf_row(xa, g, x0, e, a, lo, hi, out, flip):
     """steepest_step 'linf' + project 'linf' for one image; e, a, lo, hi in the array dtype
-    (the reference casts eps and alpha to it), so every operation runs in that dtype."""
+    (the reference casts eps and alpha to it), so every operation runs in that dtype.
+    flip: step along -g (sign(-g) = -sign(g) exactly, without the array -g)."""
     z = lo - lo
     for i in range(xa.size):
         gi = g[i]
+        up = gi < z if flip else gi > z
+        down = gi > z if flip else gi < z
         # alpha * sign(g): np.sign(+-0) is +0, and a * (+0) is +0
-        s = a if gi > z else (-a if gi < z else z)
+        s = a if up else (-a if down else z)
         v = xa[i] + s
         c = x0[i]
         out[i] = _clip_box(_clip_ball(v, c - e, c + e), lo, hi)
@@ -346,46 +352,67 @@ def _l1_row(xa, g, x0, e, a, lo, hi, q, out):
 _LINF, _L2, _L1 = 0, 1, 2
 
 
+@njit(cache=True)
+def _step_row(kind, xa, g, x0, e, a, lo, hi, act, q, flip, out, bad):
+    """One image: count non-finite entries of g, xa, x0 into bad (the reference rejects them),
+    then the row of the chosen norm, or a copy of xa where inactive. e, a: float64."""
+    bg = 0
+    bx = 0
+    b0 = 0
+    for i in range(xa.size):
+        bg += _nonfinite(g[i])
+        bx += _nonfinite(xa[i])
+        b0 += _nonfinite(x0[i])
+    bad[0] = bg
+    bad[1] = bx
+    bad[2] = b0
+    if not act or bg + bx + b0 > 0:
+        for i in range(xa.size):
+            out[i] = xa[i]
+    elif kind == _LINF:
+        _linf_row(xa, g, x0, xa.dtype.type(e), xa.dtype.type(a), lo, hi, out, flip)
+    elif kind == _L2:
+        _l2_row(xa, g, x0, e, a, lo, hi, out)
+    else:
+        _l1_row(xa, g, x0, e, a, lo, hi, q, out)
+
+
 @njit(cache=True, parallel=True)
 def _step_kernel(kind, xa, g, x0, eps, alpha, lo, hi, active, q, out, bad):
-    """One image per prange iteration: count non-finite entries (the reference rejects them),
-    then the row of the chosen norm, or a copy of xa where inactive. eps, alpha: float64."""
-    n, d = xa.shape
-    for k in prange(n):
-        bg = 0
-        bx = 0
-        b0 = 0
-        for i in range(d):
-            bg += _nonfinite(g[k, i])
-            bx += _nonfinite(xa[k, i])
-            b0 += _nonfinite(x0[k, i])
-        bad[k, 0] = bg
-        bad[k, 1] = bx
-        bad[k, 2] = b0
-        if not active[k] or bg + bx + b0 > 0:
-            for i in range(d):
-                out[k, i] = xa[k, i]
-        elif kind == _LINF:
-            _linf_row(xa[k], g[k], x0[k], xa.dtype.type(eps[k]), xa.dtype.type(alpha[k]),
-                      lo, hi, out[k])
-        elif kind == _L2:
-            _l2_row(xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, out[k])
-        else:
-            _l1_row(xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, q, out[k])
+    """One image per prange iteration (``_step_row``). eps, alpha: float64."""
+    for k in prange(xa.shape[0]):
+        _step_row(kind, xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, active[k], q, False,
+                  out[k], bad[k])
+
+
+@njit(cache=True, nogil=True)
+def linf_rows(xa, g, x0, eps, alpha, lo, hi, active, flip, out, bad):
+    """``linf_step`` on rows (n, D) in the calling thread: the L-inf PGD step fused into the
+    input-gradient pass (nn.pgd_step), while a chunk's gradient is still in cache."""
+    for k in range(xa.shape[0]):
+        _step_row(_LINF, xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, active[k], 0.0, flip,
+                  out[k], bad[k])
 
 
 # -- step wrappers ----------------------------------------------------------------------------
 
-def _step(kind, xa, g, x0, eps, alpha, lo, hi, active, q=0.0):
-    """Check the arguments as the reference does (shapes, dtypes, eps/alpha finite and >= 0,
-    the box; NaN/Inf inside the kernel), run the kernel, return the new (N, *S) array."""
+def step_args(xa, g, x0, eps, alpha, lo, hi, active):
+    """Check a step's arguments as the reference does (shapes, dtypes, eps/alpha finite and
+    >= 0, the box; NaN/Inf are counted inside the kernels). g None: not given yet (it takes
+    xa's shape and dtype).
+
+    Returns (rows of xa, g (None if not given) and x0 as C-contiguous (n, D), eps and alpha
+    float64 (n,), lo and hi in the dtype, active (n,) bool).
+    """
+    named = [(xa, "xa"), (x0, "x0")] + ([(g, "g")] if g is not None else [])
     arrays = []
-    for a, name in ((xa, "xa"), (g, "g"), (x0, "x0")):
+    for a, name in named:
         a = check_float_array(a, name, finite=False)
         if a.ndim < 1:
             raise ShapeError(f"{name} must have a batch axis (N, ...), got a scalar")
         arrays.append(a)
-    xa, g, x0 = arrays
+    xa, x0 = arrays[:2]
+    g = arrays[2] if g is not None else xa
     if g.shape != x0.shape or xa.shape != x0.shape:
         raise ShapeError(f"xa, g and x0 must have one shape, got {xa.shape}, {g.shape} and "
                          f"{x0.shape}")
@@ -403,15 +430,26 @@ def _step(kind, xa, g, x0, eps, alpha, lo, hi, active, q=0.0):
     a = per_sample_eps(alpha, n, name="alpha")
     lo, hi = check_box((lo, hi))
     xa2, g2, x02 = (np.ascontiguousarray(v.reshape(n, d)) for v in (xa, g, x0))
-    out = np.empty_like(xa2)
-    bad = np.zeros((n, 3), dtype=np.int64)
-    _step_kernel(kind, xa2, g2, x02, e, a, dt.type(lo), dt.type(hi),
-                 np.ascontiguousarray(active, dtype=bool), float(q), out, bad)
+    return (xa2, g2 if arrays[2:] else None, x02, e, a, dt.type(lo), dt.type(hi),
+            np.ascontiguousarray(active, dtype=bool))
+
+
+def raise_nonfinite(bad):
+    """The reference's error for NaN/Inf in g, xa or x0, from the kernels' counts (n, 3)."""
     total = bad.sum(axis=0)
     for j, name in enumerate(("g", "xa", "x0")):
         if total[j]:
             raise AdvkernError(f"{name} contains {int(total[j])} NaN/Inf value(s)")
-    return out.reshape(x0.shape)
+
+
+def _step(kind, xa, g, x0, eps, alpha, lo, hi, active, q=0.0):
+    """Check the arguments (``step_args``), run the kernel, return the new (N, *S) array."""
+    xa2, g2, x02, e, a, lo, hi, act = step_args(xa, g, x0, eps, alpha, lo, hi, active)
+    out = np.empty_like(xa2)
+    bad = np.zeros((len(xa2), 3), dtype=np.int64)
+    _step_kernel(kind, xa2, g2, x02, e, a, lo, hi, act, float(q), out, bad)
+    raise_nonfinite(bad)
+    return out.reshape(np.shape(x0))
 
 
 def linf_step(xa, g, x0, eps, alpha, lo, hi, active):
