@@ -1,6 +1,23 @@
-"""Test configuration: Hypothesis profiles (CI: no deadline, derandomized)."""
+"""Test configuration: Hypothesis profiles (CI: no deadline, derandomized); the CUDA
+simulator for the numba_cuda backend on machines without a CUDA driver."""
 
+import ctypes
 import os
+
+
+def _cuda_driver_present():
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+# Without a GPU, the numba_cuda backend runs under numba's CUDA simulator, so the
+# backend-generic tests exercise every one of its kernels in CI. The variable must be set
+# before numba is first imported (this file is imported before any test module).
+if not _cuda_driver_present():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 from hypothesis import HealthCheck, settings
 

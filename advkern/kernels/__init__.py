@@ -13,6 +13,8 @@ from ..errors import AdvkernError
 _BACKENDS = {
     "numpy": "advkern.kernels.numpy_backend",
     "numba_cpu": "advkern.kernels.numba_cpu",
+    "cupy": "advkern.kernels.cupy",
+    "numba_cuda": "advkern.kernels.numba_cuda",
 }
 
 
