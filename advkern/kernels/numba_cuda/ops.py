@@ -54,16 +54,13 @@ def _blocks(n, tpb=_TPB):
     return max(1, min(_MAX_BLOCKS, -(-int(n) // tpb)))
 
 
-def _grid_stride():
-    return cuda.grid(1), cuda.gridsize(1)
-
-
 # ============================================================================ activations
 
 
 @_jit
 def _bias_act_k(y, b, inner, f, code, has_bias):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     for i in range(start, y.size, stride):
         v = y[i]
         if has_bias:
@@ -95,7 +92,8 @@ def bias_act(y, b, inner, act):
 
 @_jit
 def _act_grad_k(d, out, code):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     for i in range(start, d.size, stride):
         o = out[i]
         if code == 1:
@@ -119,7 +117,8 @@ def act_grad(d, out, act):
 
 @_jit
 def _im2col_k(x, out, c, h, w, kh, kw, sh, sw, pt, pl, ho, wo):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     rows = c * kh * kw
     howo = ho * wo
     total = out.size
@@ -150,7 +149,8 @@ def im2col(x, kh, kw, sh, sw, pt, pl, ho, wo, out):
 
 @_jit
 def _col2im_k(dcols, out, c, h, w, kh, kw, sh, sw, pt, pl, ho, wo):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     for idx in range(start, out.size, stride):
         xx = idx % w
         yy = (idx // w) % h
@@ -187,7 +187,8 @@ def col2im(dcols, h, w, kh, kw, sh, sw, pt, pl, ho, wo, out):
 
 @_jit
 def _pool_fwd_k(x, out, arg, kh, kw, sh, sw):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     c, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     for idx in range(start, out.size, stride):
         j = idx % wo
@@ -214,7 +215,8 @@ def maxpool_fwd(x, kh, kw, sh, sw, out, arg):
 
 @_jit
 def _pool_bwd_k(dout, arg, dx, kh, kw, sh, sw):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     c, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
     ho, wo = dout.shape[2], dout.shape[3]
     for idx in range(start, dx.size, stride):
@@ -264,7 +266,8 @@ def _zval(z, r, k, kk):
 
 @_jit
 def _xent_k(z, labels, values, dz, want_grad):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     n, k = z.shape[0], z.shape[1]
     kx = 2 if k == 1 else k
     for r in range(start, n, stride):
@@ -302,7 +305,8 @@ def softmax_xent(z, labels, values, dz):
 
 @_jit
 def _cw_k(z, labels, values, dz):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     n, k = z.shape[0], z.shape[1]
     kx = 2 if k == 1 else k
     for r in range(start, n, stride):
@@ -341,7 +345,8 @@ def cw_margin(z, labels, values, dz):
 
 @_jit
 def _linf_k(xa, g, x0, eps, alpha, lo, hi, active, out):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     d = xa.shape[1]
     for idx in range(start, xa.size, stride):
         n = idx // d
@@ -621,7 +626,8 @@ def _make_de_step(dt):
 
     @_jit
     def k(pop, r1, r2, r3, cross, forced, f, cr, use_cr, lower, upper, out):
-        start, stride = _grid_stride()
+        start = cuda.grid(1)
+        stride = cuda.gridsize(1)
         pp, dim = pop.shape[1], pop.shape[2]
         for idx in range(start, out.size, stride):
             j = idx % dim
@@ -671,7 +677,8 @@ def _overwritten(pop, n, m, j, k, c, h, w, r, s):
 
 @_jit
 def _patch_dense_k(base, w, x, pop, out):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     pp = pop.shape[1]
     c, h, ww = x.shape[1], x.shape[2], x.shape[3]
     k = pop.shape[2] // (2 + c)
@@ -700,7 +707,8 @@ def de_patch_dense(base, w, x, pop, out):
 
 @_jit
 def _patch_conv_k(base, w, x, pop, sh, sw, pt, pl, out):
-    start, stride = _grid_stride()
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
     pp = pop.shape[1]
     c, h, ww = x.shape[1], x.shape[2], x.shape[3]
     k = pop.shape[2] // (2 + c)
