@@ -441,7 +441,7 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ steps
 
-    def _step_args(self, xa, g, x0, eps, alpha, lo, hi, active):
+    def _step_args(self, xa, g, x0, eps, alpha, lo, hi, active, kind):
         xp = self.xp
         arrays = []
         for a, name in ((xa, "xa"), (x0, "x0"), (g, "g")):
@@ -465,8 +465,11 @@ class GpuBackend:
         act = xp.asarray(active)
         if act.shape != (n,):
             raise ShapeError(f"active must have shape ({n},), got {tuple(act.shape)}")
-        e = self._per_image(eps, n, "eps", dt)
-        a = self._per_image(alpha, n, "alpha", dt)
+        # L-inf steps round eps and alpha to the array dtype (the reference's clip bounds
+        # x0 +- eps are in it); the L2 / L1 steps use them in float64, as the reference does.
+        pdt = dt if kind == "linf" else np.dtype(np.float64)
+        e = self._per_image(eps, n, "eps", pdt)
+        a = self._per_image(alpha, n, "alpha", pdt)
         lo, hi = check_box((lo, hi))
         xa2, g2, x02 = (xp.ascontiguousarray(v.reshape(n, d)) for v in (xa, g, x0))
         self._nonfinite(((g2, "g"), (xa2, "xa"), (x02, "x0")))
@@ -486,7 +489,7 @@ class GpuBackend:
 
     def linf_step(self, xa, g, x0, eps, alpha, lo, hi, active):
         xa, g, x0, e, a, lo, hi, act, shape = self._step_args(xa, g, x0, eps, alpha, lo, hi,
-                                                              active)
+                                                              active, "linf")
         out = self.xp.empty_like(xa)
         if out.size:
             self.ops.linf_step(xa, g, x0, e, a, lo, hi, act, out)
@@ -494,7 +497,7 @@ class GpuBackend:
 
     def l2_step(self, xa, g, x0, eps, alpha, lo, hi, active):
         xa, g, x0, e, a, lo, hi, act, shape = self._step_args(xa, g, x0, eps, alpha, lo, hi,
-                                                              active)
+                                                              active, "l2")
         out = self.xp.empty_like(xa)
         if out.size:
             self.ops.l2_step(xa, g, x0, e, a, lo, hi, act, out)
@@ -506,7 +509,7 @@ class GpuBackend:
         float64 as in the reference."""
         q = check_sparsity(sparsity)
         xa, g, x0, e, a, lo, hi, act, shape = self._step_args(xa, g, x0, eps, alpha, lo, hi,
-                                                              active)
+                                                              active, "l1")
         xp = self.xp
         n, d = xa.shape
         if xa.size == 0:

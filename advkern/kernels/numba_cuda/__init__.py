@@ -11,9 +11,16 @@ backend is available without a GPU, slowly; this is how CI exercises every kerne
 listed by ``kernels.available()`` only then or when a GPU is present.
 """
 
-import numpy as np
+import os
 
-from .._gpu.backend import export
+# numba synchronises on the producer's stream each time it imports a CuPy array through
+# __cuda_array_interface__ (one sync per kernel launch) unless told not to; both libraries
+# use the same default stream here, so the sync orders nothing and only stalls the queue.
+os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+
+import numpy as np  # noqa: E402
+
+from .._gpu.backend import export  # noqa: E402
 
 NAME = "numba_cuda"
 
@@ -29,6 +36,10 @@ if ops.SIM:
 else:
     from numba import cuda
 
+    try:
+        cuda.config.CUDA_ARRAY_INTERFACE_SYNC = False  # numba imported before us
+    except AttributeError:
+        pass
     if not cuda.is_available():
         raise ImportError("no CUDA GPU or driver found (numba.cuda.is_available() is False); "
                           "set NUMBA_ENABLE_CUDASIM=1 for the simulator")

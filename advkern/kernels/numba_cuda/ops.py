@@ -368,10 +368,11 @@ def _linf_k(xa, g, x0, eps, alpha, lo, hi, active, out):
         e = eps[n]
         lower = c - e
         upper = c + e
-        v = max(v, lower)
-        v = min(v, upper)
-        v = max(v, lo)
-        v = min(v, hi)
+        # numpy's clip: on a +-0 tie an array bound wins, a scalar bound keeps the value
+        v = v if v > lower else lower
+        v = v if v < upper else upper
+        v = lo if v < lo else v
+        v = hi if v > hi else v
         out[n, i] = v
 
 
@@ -476,8 +477,8 @@ def _make_l2(dt):
             new = xa[n, i] + cast(np.float64(g[n, i]) * scale)
             delta = new - c
             v = c + cast(np.float64(delta) * factor)
-            v = max(v, lo)
-            v = min(v, hi)
+            v = lo if v < lo else v
+            v = hi if v > hi else v
             out[n, i] = v
     return k
 
@@ -637,8 +638,10 @@ def _make_de_step(dt):
             if use_cr:
                 if not (cross[n, m, j] < cr or j == forced[n, m]):
                     v = pop[n, m, j]
-            v = max(v, lower[j])
-            v = min(v, upper[j])
+            lw = lower[j]
+            up = upper[j]
+            v = v if v > lw else lw
+            v = v if v < up else up
             out[n, m, j] = v
     return k
 
