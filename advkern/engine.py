@@ -278,12 +278,14 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
     fit, pred, hit = evaluate(all_idx, pop)
     track(all_idx, pop, fit, pred, hit)
     gens = xp.zeros(n, dtype=np.int64)
+    draws_of = _DrawAhead(rngs, p, dim, CR, n_gen,
+                          ahead=xp is not np or getattr(be, "SIMULATED", False))
     for g in range(1, n_gen + 1):
         idx = xp.flatnonzero(~success) if early_stop else all_idx
         if idx.size == 0:
             break
         idx_h = be.to_host(idx)
-        draws = _px.generation_draws([rngs[i] for i in idx_h], p, dim, CR)
+        draws = draws_of(g, idx_h)
         trial = be.de_step(pop[idx], {kk: be.to_device(v) for kk, v in draws.items()}, F, CR,
                            lower_d, upper_d)
         t_fit, t_pred, t_hit = evaluate(idx, trial)
@@ -292,6 +294,7 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
         fit[idx] = xp.where(keep, t_fit, fit[idx])
         track(idx, trial, t_fit, t_pred, t_hit)
         gens[idx] = g
+    draws_of.close()
 
     best_h = be.to_host(best)
     x_adv = _px.apply_candidates(x, best_h[:, None, :])
@@ -300,6 +303,47 @@ def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, 
             "best_fitness": be.to_host(best_fit), "queries": p * (1 + gens_h),
             "pred": be.to_host(best_pred), "candidate": best_h.reshape(n, k, 2 + c)}
     return x_adv, info
+
+
+class _DrawAhead:
+    """Each generation's DE draws, from the same per-image generators in the same order as
+    the reference; with ``ahead`` (a GPU backend) the next generation's draws are made on a
+    host thread while the device scores the current one.
+
+    Drawing ahead is exact: generation g + 1 draws for the images active at generation g, a
+    superset of those that will be active then (success only removes images), and an image
+    that has left is never drawn for again, so the extra draws consume nothing anyone reads.
+    """
+
+    def __init__(self, rngs, p, dim, CR, n_gen, ahead):
+        self.rngs, self.p, self.dim, self.CR, self.n_gen = rngs, p, dim, CR, n_gen
+        self.pool = None
+        self.pending = None
+        if ahead:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_workers=1)
+
+    def _draw(self, idx_h):
+        return _px.generation_draws([self.rngs[i] for i in idx_h], self.p, self.dim, self.CR)
+
+    def __call__(self, g, idx_h):
+        if self.pending is None:
+            draws = self._draw(idx_h)
+        else:
+            ids, fut = self.pending
+            self.pending = None
+            got = fut.result()
+            rows = np.searchsorted(ids, idx_h)   # idx_h is a sorted subset of ids
+            draws = got if len(rows) == len(ids) else {k: v[rows] for k, v in got.items()}
+        if self.pool is not None and g < self.n_gen:
+            self.pending = (idx_h, self.pool.submit(self._draw, idx_h))
+        return draws
+
+    def close(self):
+        if self.pool is not None:
+            if self.pending is not None:
+                self.pending[1].result()
+            self.pool.shutdown()
 
 
 ATTACKS = {"fgsm": fgsm, "fgm": fgm_l2, "bim": bim, "pgd": pgd, "jsma": jsma,

@@ -35,7 +35,8 @@ GEMM of the same size as its forward, so:
                                  generation run (early stop included).
 
 The GEMM bound of an item is its FLOPs divided by an sgemm rate (GFLOP/s) measured in the
-same run with ``np.dot`` on float32 matrices: ``gemm_shapes`` lists the model's own GEMMs
+same run with ``np.dot`` on float32 matrices (``python -m bench --gpu``: cuBLAS through
+``cupy.matmul``, TF32 off; see ``GemmLib``): ``gemm_shapes`` lists the model's own GEMMs
 (im2col form for convolutions, forward and input-gradient backward) and ``model_rate`` times
 exactly those (the "shape-matched" rate); ``sgemm_rate`` times any one shape, e.g. the
 square 1024 product.
@@ -113,35 +114,72 @@ def gemm_shapes(model, batch):
     return shapes
 
 
-def _time_gemm(m, k, n, repeats, rng):
-    """The best of ``repeats`` timed np.dot calls, after a warm-up.
+class GemmLib:
+    """Where the sgemm rates are measured: ``np.dot`` (the default) or a GPU array module.
+
+    xp: the array module (numpy or cupy); rand(shape, rng) -> a float32 array of xp;
+    sync(): waits for the device (a no-op for numpy); name: for the report.
+    """
+
+    def __init__(self, name, xp, rand, sync):
+        self.name, self.xp, self.rand, self.sync = name, xp, rand, sync
+
+
+NUMPY = GemmLib("np.dot", np, lambda shape, rng: rng.standard_normal(shape, dtype=np.float32),
+                lambda: None)
+
+
+def cupy_lib(cupy):
+    """cuBLAS through ``cupy.matmul`` (float32; TF32 only if CUPY_TF32=1, which bench/gpu.py
+    refuses). The operands are drawn on the device (no host transfer of 10^8 numbers)."""
+    def rand(shape, rng):
+        return cupy.random.RandomState(int(rng.integers(2**31))).standard_normal(
+            shape, dtype=cupy.float32)
+    return GemmLib("cupy.matmul", cupy, rand, lambda: cupy.cuda.Device().synchronize())
+
+
+def _time_gemm(m, k, n, repeats, rng, lib=NUMPY):
+    """The best of ``repeats`` timed products (a, b) -> out, after a warm-up.
 
     The best, not the median: a bound should be what the BLAS can do, and on a shared
-    machine the slower samples measure the other users.
+    machine the slower samples measure the other users. On a device (lib.sync not a no-op)
+    each sample is a run of back-to-back products long enough (>= ~2 ms) that the launch
+    and the synchronisation are not what is measured, divided by their number.
     """
-    a = rng.standard_normal((m, k), dtype=np.float32)
-    b = rng.standard_normal((k, n), dtype=np.float32)
-    out = np.empty((m, n), dtype=np.float32)
-    np.dot(a, b, out=out)  # warm-up: threads started, pages touched
+    xp = lib.xp
+    a, b = lib.rand((m, k), rng), lib.rand((k, n), rng)
+    out = xp.empty((m, n), dtype=xp.float32)
+    mm = np.dot if xp is np else xp.matmul
+    mm(a, b, out=out)  # warm-up: threads started, pages touched, cuBLAS handle created
+    lib.sync()
+    inner = 1
+    if lib is not NUMPY:
+        t0 = time.perf_counter()
+        mm(a, b, out=out)
+        lib.sync()
+        inner = max(1, min(200, int(2e-3 / max(time.perf_counter() - t0, 1e-7))))
     times = []
     for _ in range(repeats):
+        lib.sync()
         t0 = time.perf_counter()
-        np.dot(a, b, out=out)
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            mm(a, b, out=out)
+        lib.sync()
+        times.append((time.perf_counter() - t0) / inner)
     return min(times)
 
 
-def sgemm_rate(m, k, n, repeats=5, seed=0):
-    """GFLOP/s of np.dot on float32 (m, k) @ (k, n), best of ``repeats``."""
-    t = _time_gemm(m, k, n, repeats, np.random.default_rng(seed))
+def sgemm_rate(m, k, n, repeats=5, seed=0, lib=NUMPY):
+    """GFLOP/s of float32 (m, k) @ (k, n) (np.dot, or lib's matmul), best of ``repeats``."""
+    t = _time_gemm(m, k, n, repeats, np.random.default_rng(seed), lib)
     return 2 * m * k * n / t / 1e9
 
 
-def model_rate(model, batch, repeats=5, seed=0):
+def model_rate(model, batch, repeats=5, seed=0, lib=NUMPY):
     """Shape-matched sgemm GFLOP/s: total FLOPs / total best time of ``gemm_shapes``."""
     rng = np.random.default_rng(seed)
     total_flops = total_time = 0.0
     for m, k, n in gemm_shapes(model, batch):
-        total_time += _time_gemm(m, k, n, repeats, rng)
+        total_time += _time_gemm(m, k, n, repeats, rng, lib)
         total_flops += 2 * m * k * n
     return total_flops / total_time / 1e9

@@ -104,14 +104,42 @@ COLUMNS = [("item", "item"), ("model", "model"), ("backend", "backend"), ("image
            ("notes", "notes")]
 
 
-def result_rows(results):
+GPU_COLUMNS = [("item", "item"), ("model", "model"), ("backend", "backend"),
+               ("images", "images"), ("batch", "batch"), ("ms/img", "ms_per_image"),
+               ("img/s", "images_per_s"), ("Mcand/s", "mcand_per_s"), ("GFLOP/s", "gflops"),
+               ("x torch", "x_torch"), ("x torchattacks", "x_ta"), ("x bound", "x_bound"),
+               ("x bound sq", "x_bound_square"), ("n", "repeats"), ("first s", "first_s"),
+               ("notes", "notes")]
+
+
+def is_gpu(rep):
+    return str(rep.get("mode", "")).startswith("gpu")
+
+
+def columns(rep):
+    return GPU_COLUMNS if is_gpu(rep) else COLUMNS
+
+
+def result_rows(results, cols=COLUMNS):
+    """The table's cells; a row that did not run shows its status (FAILED, skipped) in
+    place of ms/img."""
     rows = []
     for r in results:
-        images = r["images"] if r["images"] == r["images_total"] else \
-            f"{r['images']}/{r['images_total']}"
+        status = r.get("status", "ok")
+        if r["images"] is None:
+            images = f"-/{r['images_total']}"
+        elif r["images"] == r["images_total"]:
+            images = r["images"]
+        else:
+            images = f"{r['images']}/{r['images_total']}"
         row = []
-        for _, key in COLUMNS:
-            v = images if key == "images" else r.get(key)
+        for _, key in cols:
+            if key == "images":
+                v = images
+            elif key == "ms_per_image" and status != "ok":
+                v = status
+            else:
+                v = r.get(key)
             row.append(v if isinstance(v, str) else _fmt(v))
         rows.append(row)
     return rows
@@ -149,16 +177,49 @@ def backend_rows(backends):
     return rows
 
 
+def _gemm_title(rep):
+    return rep.get("gemm_lib") or "np.dot"
+
+
+def device_line(rep):
+    d = rep.get("device", {})
+    parts = [str(d.get("name", "unknown GPU"))]
+    if d.get("memory_gib") or d.get("memory"):
+        parts.append(f"{d.get('memory_gib') or d.get('memory')}"
+                     + (" GiB" if d.get("memory_gib") else ""))
+    if d.get("sms"):
+        parts.append(f"{d['sms']} SMs")
+    if d.get("compute_capability"):
+        parts.append(f"compute {d['compute_capability']}")
+    parts.append(f"driver {d.get('driver', '?')}")
+    parts.append(f"CUDA driver {d.get('cuda_driver', '?')} / runtime "
+                 f"{d.get('cuda_runtime', '?')}")
+    if d.get("cublas"):
+        parts.append(f"cuBLAS {d['cublas']}")
+    if d.get("cudnn"):
+        parts.append(f"cuDNN {d['cudnn']}")
+    return ", ".join(parts)
+
+
+def failures(rep):
+    """(row, traceback) of the rows that raised."""
+    return [(r, r["error"]) for r in rep["results"] if r.get("error")]
+
+
 def print_report(rep, out=sys.stdout):
+    cols = columns(rep)
+    if is_gpu(rep):
+        print(f"\ndevice: {device_line(rep)}", file=out)
     print(f"\nbackends ({rep['mode']} mode, validated before timing):", file=out)
     print(text_table(["backend", "status", "validate s", "note"], backend_rows(rep["backends"])),
           file=out)
     g = rep["gemm"]
     if g:
-        print("\nsgemm (np.dot, float32): " + ", ".join(
+        print(f"\nsgemm ({_gemm_title(rep)}, float32): " + ", ".join(
             f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in g.items()), file=out)
     if rep["results"]:
-        print("\n" + text_table([h for h, _ in COLUMNS], result_rows(rep["results"])), file=out)
+        print("\n" + text_table([h for h, _ in cols], result_rows(rep["results"], cols)),
+              file=out)
     for note in rep["notes"]:
         print(f"note: {note}", file=out)
 
@@ -170,34 +231,66 @@ LEGEND = ("ms/img: median wall time / images. x numpy: the numpy backend's ms/im
           "compilation not already done by validation). images a/b: a budget-limited subset "
           "of the b images.")
 
+GPU_LEGEND = ("ms/img: median wall time / images (host arrays in, host arrays out: the "
+              "transfers are timed, for every row). Mcand/s: DE candidate evaluations per "
+              "second (early stop off). x torch: the PyTorch loop's ms/img (TF32 off, same "
+              "model and images) over this row's; x torchattacks: torchattacks' ms/img over "
+              "this row's, per image (DE: this row's candidates/s over torchattacks'); > 1 is "
+              "faster than the baseline. x bound: wall time over the GEMM bound (the row's "
+              "GEMM FLOPs at the model's shape-matched cuBLAS sgemm rate, TF32 off; 1 = "
+              "cuBLAS speed); x bound sq: the same at the square-sgemm rate. n: timed "
+              "repeats; first s: the first probe call (compilation not done by validation). "
+              "images a/b: the first a of b images (budget). FAILED / skipped: the row "
+              "raised (traceback below) / the run's time was spent.")
+
 
 def markdown(rep):
     m = rep["machine"]
     st = rep["settings"]
-    lines = [f"# advkern benchmark, {rep['date']} ({rep['mode']} mode)", "",
-             f"- command: `{rep['command']}`",
-             (f"- machine: {m['host']}, {m['cpu_model']}, {m['cpu_count']} CPUs "
-              f"({m.get('cpus_usable')} usable), {m.get('mem_total_gib', '?')} GiB, "
-              f"{m['platform']}"),
-             f"- load average at start / end: {rep['load_avg_start']} / {rep['load_avg_end']}",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()),
-             (f"- BLAS: {m['blas'].get('name')} {m['blas'].get('version')} "
-              f"({m['blas'].get('config')})"),
-             (f"- float32; median of up to {st['repeats_attack']} (attacks) / "
-              f"{st['repeats_primitive']} (primitives) repeats after a warm-up, time budget "
-              f"{st['budget_s']} s per item and backend (see bench/README.md)"),
-             "", "## Backends", "",
-             markdown_table(["backend", "status", "validate s", "note"],
-                            backend_rows(rep["backends"])), ""]
+    gpu = is_gpu(rep)
+    cols = columns(rep)
+    title = "advkern GPU benchmark" if gpu else "advkern benchmark"
+    lines = [f"# {title}, {rep['date']} ({rep['mode']} mode)", ""]
+    if rep.get("status") == "running":
+        lines += ["**Partial: the run had not finished when this was written.**", ""]
+    lines.append(f"- command: `{rep['command']}`")
+    if gpu:
+        lines.append(f"- device: {device_line(rep)}")
+    lines += [(f"- machine: {m['host']}, {m['cpu_model']}, {m['cpu_count']} CPUs "
+               f"({m.get('cpus_usable')} usable), {m.get('mem_total_gib', '?')} GiB, "
+               f"{m['platform']}"),
+              f"- load average at start / end: {rep['load_avg_start']} / "
+              f"{rep.get('load_avg_end')}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items())]
+    if gpu:
+        lines.append(f"- float32; after a synchronisation, a probe / warm-up, then the median "
+                     f"of up to {st['repeats_attack']} repeats; time budget {st['budget_s']} s "
+                     f"x the item's weight, {st['total_s']} s for the whole run "
+                     f"({rep.get('elapsed_s', 0):.0f} s used; see bench/README.md)")
+    else:
+        lines += [(f"- BLAS: {m['blas'].get('name')} {m['blas'].get('version')} "
+                   f"({m['blas'].get('config')})"),
+                  (f"- float32; median of up to {st['repeats_attack']} (attacks) / "
+                   f"{st['repeats_primitive']} (primitives) repeats after a warm-up, time "
+                   f"budget {st['budget_s']} s per item and backend (see bench/README.md)")]
+    lines += ["", "## Backends", "",
+              markdown_table(["backend", "status", "validate s", "note"],
+                             backend_rows(rep["backends"])), ""]
     if rep["gemm"]:
-        lines += ["## sgemm rates (np.dot, float32, this run)", "",
+        lines += [f"## sgemm rates ({_gemm_title(rep)}, float32, this run)", "",
                   markdown_table(["name", "shapes", "GFLOP/s"],
                                  [[k, v["shapes"], f"{v['gflops']:.1f}"]
                                   for k, v in rep["gemm"].items()]), ""]
     if rep["results"]:
-        lines += ["## Results", "", markdown_table([h for h, _ in COLUMNS],
-                                                   result_rows(rep["results"])), "",
-                  LEGEND, ""]
+        lines += ["## Results", "", markdown_table([h for h, _ in cols],
+                                                   result_rows(rep["results"], cols)), "",
+                  GPU_LEGEND if gpu else LEGEND, ""]
+    fails = failures(rep)
+    if fails:
+        lines += ["## Failures", ""]
+        for r, tb in fails:
+            lines += [f"### {r['item']} {r['model']} {r['backend']}", "", "```", tb.rstrip(),
+                      "```", ""]
     if rep["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in rep["notes"]] + [""]
     return "\n".join(lines)
@@ -210,11 +303,13 @@ def _write(path, text):
 
 
 def write(rep, out_dir):
-    """Write <date>-<host>[-quick].json/.md and latest[-quick].md; returns the paths."""
+    """Write <date>-<host><suffix>.json/.md and latest<suffix>.md; returns the paths.
+
+    suffix: '' (full), '-quick', '-gpu', '-gpu-quick' (the mode)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", rep["machine"]["host"]) or "host"
-    suffix = "-quick" if rep["mode"] == "quick" else ""
+    suffix = "" if rep["mode"] == "full" else f"-{rep['mode']}"
     stem = f"{rep['stamp']}-{host}{suffix}"
     md = markdown(rep)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"latest{suffix}.md"]

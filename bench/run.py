@@ -17,6 +17,10 @@ Each item: one warm-up call (reported as "first s": it includes any JIT compilat
 validation did not already do), then the median of a few repeats, within a time budget per
 item (a slow backend is timed on fewer repeats, and an attack on the first images only; the
 row says so). See bench/README.md for the FLOP accounting and the columns.
+
+``python -m bench --gpu`` is the GPU mode (``bench/gpu.py``): the same validation for the GPU
+backends, then whole attacks at GPU sizes beside PyTorch-CUDA, torchattacks and the cuBLAS
+GEMM bound.
 """
 
 import argparse
@@ -43,6 +47,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ITEMS = ("loss_grad", "jacobian", "linf_step", "jsma_best_pair", "de_score", "pgd", "jsma",
          "pixel", "torch")
 MODELS = ("mlp", "cnn")
+GPU_ITEMS = ("pgd", "pixel", "jsma", "torch", "torchattacks")  # --gpu (bench/gpu.py)
 
 # The issue's sizes. budget_s: the most seconds one item should take per backend.
 FULL = {
@@ -436,21 +441,36 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes on small untrained models (a smoke run, seconds)")
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU mode (bench/gpu.py): validate the GPU backends, then time whole "
+                        "attacks beside PyTorch-CUDA and torchattacks and the cuBLAS bound")
     p.add_argument("--backends", help="comma-separated backends (default: every registered "
-                                      "one; unavailable ones are skipped with a note)")
-    p.add_argument("--only", help="comma-separated items: " + ",".join(ITEMS))
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+                                      "one; --gpu: cupy,numba_cuda; unavailable ones are "
+                                      "skipped with a note)")
+    p.add_argument("--only", help="comma-separated items: " + ",".join(ITEMS)
+                   + "; --gpu: pgd,pixel,jsma,torch,torchattacks")
+    p.add_argument("--no-torch", action="store_true",
+                   help="skip the PyTorch baseline (--gpu: and torchattacks)")
     p.add_argument("--out", default=RESULTS, help="results folder (default: bench/results)")
     p.add_argument("--budget", type=float, help="seconds per item and backend (default: 60, "
-                                                "quick 2)")
+                                                "quick 2; --gpu: 12 times the item's weight)")
     p.add_argument("--repeats", type=int, help="timed repeats per item (default: 5 for "
                                                "primitives, 3 for attacks)")
+    p.add_argument("--total", type=float, help="--gpu: seconds for the whole run, validation "
+                                               "included (default 130); items that no "
+                                               "longer fit are reported skipped")
+    p.add_argument("--torch-device", default="cuda",
+                   help="--gpu: the device of the torch and torchattacks baselines (default "
+                        "cuda; cpu exercises their code on a machine without a GPU)")
     args = p.parse_args(argv)
     if args.only:
         args.only = {s.strip() for s in args.only.split(",") if s.strip()}
-        bad = sorted(args.only - set(ITEMS))
+        known = GPU_ITEMS if args.gpu else ITEMS
+        bad = sorted(args.only - set(known))
         if bad:
-            p.error(f"unknown items {bad}: use {', '.join(ITEMS)}")
+            p.error(f"unknown items {bad}: use {', '.join(known)}")
+    if not args.gpu and (args.total is not None or args.torch_device != "cuda"):
+        p.error("--total and --torch-device go with --gpu")
     return args
 
 
@@ -459,6 +479,9 @@ def main(argv=None):
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     args = parse_args(argv)
     try:
+        if args.gpu:
+            from . import gpu  # imported in this mode only (it brings torch and torchattacks)
+            return gpu.run(args, command)
         return _run(args, command)
     except AdvkernError as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -2,6 +2,9 @@
 
 PyTorch is not a dependency of advkern; this module imports it only when asked
 (:func:`load`), and the harness skips the baseline with a note when it is missing.
+It runs on the CPU (``python -m bench``) or on a CUDA device (``python -m bench --gpu``:
+``build(..., device="cuda")``; the inputs come from numpy and the result goes back to it,
+as with advkern's engine; :func:`set_tf32` switches TF32 in cuBLAS and cuDNN).
 The module is built from the advkern model's own weights (dense w is (in, out), so
 ``Linear.weight = w.T``; conv weights (F, C, KH, KW) are used as they are; the C-order
 flatten of NCHW is the same in both), and the harness checks that its logits equal
@@ -13,18 +16,44 @@ import numpy as np
 THREADS = 2
 
 
-def load():
-    """(torch, None) when PyTorch imports, else (None, the reason)."""
+def load(threads=THREADS):
+    """(torch, None) when PyTorch imports, else (None, the reason).
+
+    threads: torch's CPU threads (None: leave torch's default, as the GPU mode does)."""
     try:
         import torch
     except Exception as e:  # ImportError, or a broken install
         return None, f"PyTorch not importable: {e}"
-    torch.set_num_threads(THREADS)
+    if threads:
+        torch.set_num_threads(threads)
     return torch, None
 
 
-def build(torch, model):
-    """An eval-mode float32 torch.nn.Sequential computing the advkern model's logits."""
+def tf32_flags(torch):
+    """The TF32 switches: {'matmul': cuBLAS float32 GEMMs, 'cudnn': cuDNN convolutions}."""
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def set_tf32(torch, matmul, cudnn):
+    """Allow (True) or forbid (False) TF32 in cuBLAS float32 GEMMs and cuDNN convolutions."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmul)
+    torch.backends.cudnn.allow_tf32 = bool(cudnn)
+
+
+def synchronize(torch, device):
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _device(net):
+    return next(net.parameters()).device
+
+
+def build(torch, model, device="cpu"):
+    """An eval-mode float32 torch.nn.Sequential computing the advkern model's logits, with
+    its parameters on ``device``."""
     nn = torch.nn
     mods = []
     for i, (layer, p) in enumerate(zip(model.layers, model.params)):
@@ -54,12 +83,13 @@ def build(torch, model):
     net = nn.Sequential(*mods).eval()
     for q in net.parameters():
         q.requires_grad_(False)
-    return net
+    return net.to(device)
 
 
 def logits(torch, net, x):
     with torch.no_grad():
-        return net(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        xt = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(_device(net))
+        return net(xt).cpu().numpy()
 
 
 def pgd(torch, net, x, y, eps, alpha, steps, batch):
@@ -67,13 +97,15 @@ def pgd(torch, net, x, y, eps, alpha, steps, batch):
 
     Per step: x.requires_grad, loss = cross-entropy SUMMED over the batch, its input
     gradient by autograd, x + alpha * sign(grad), projected onto the eps-ball around x0 and
-    the [0, 1] box -- the same iteration as advkern's engine.pgd.
+    the [0, 1] box -- the same iteration as advkern's engine.pgd. Runs on the device of the
+    net's parameters; each chunk goes there from numpy and its result comes back.
     """
     ce = torch.nn.functional.cross_entropy
+    dev = _device(net)
     out = np.empty_like(x, dtype=np.float32)
     for a in range(0, len(x), batch):
-        x0 = torch.from_numpy(np.ascontiguousarray(x[a:a + batch], np.float32))
-        yt = torch.from_numpy(np.asarray(y[a:a + batch], np.int64))
+        x0 = torch.from_numpy(np.ascontiguousarray(x[a:a + batch], np.float32)).to(dev)
+        yt = torch.from_numpy(np.asarray(y[a:a + batch], np.int64)).to(dev)
         xa = x0.clone()
         for _ in range(steps):
             xa.requires_grad_(True)
@@ -82,5 +114,5 @@ def pgd(torch, net, x, y, eps, alpha, steps, batch):
             with torch.no_grad():
                 xa = torch.minimum(torch.maximum(xa + alpha * g.sign(), x0 - eps), x0 + eps)
                 xa = xa.clamp(0.0, 1.0)
-        out[a:a + batch] = xa.detach().numpy()
+        out[a:a + batch] = xa.detach().cpu().numpy()
     return out

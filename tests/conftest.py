@@ -19,11 +19,16 @@ def _cuda_driver_present():
 if not _cuda_driver_present():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=30,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=30,
+                          suppress_health_check=[HealthCheck.too_slow])
+# The scarce GPU run (bench/gpu_check.sh): reproducible, and a failure is reported as found
+# rather than shrunk (shrinking replays the kernels hundreds of times).
+settings.register_profile("gpu", deadline=None, derandomize=True, max_examples=30,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 

@@ -7,6 +7,9 @@ device arrays of ``xp``, C-contiguous, dtype ``dt`` = float32 or float64 unless 
 ``out`` arguments are preallocated by the caller and written, never read; scalars are
 Python numbers; nothing else is modified):
 
+    count_nonfinite(a, b, c=None)
+        A device integer array (1,): the number of positions i where a[i], b[i] or c[i]
+        (same size) is NaN/Inf. One pass; the caller reads it back once.
     bias_act(y, b, inner, act)
         In place: y.flat[i] = act(y.flat[i] + b[(i // inner) % F]) with F = b.size (b None:
         no bias). act: 'none', 'relu', 'tanh', 'sigmoid' (1 / (1 + exp(-v))).

@@ -38,7 +38,7 @@ import cupy
 
 from ...errors import AdvkernError, ShapeError
 
-__all__ = ["bias_act", "act_grad", "im2col", "col2im", "maxpool_fwd", "maxpool_bwd",
+__all__ = ["count_nonfinite", "bias_act", "act_grad", "im2col", "col2im", "maxpool_fwd", "maxpool_bwd",
            "softmax_xent", "cw_margin", "linf_step", "l2_step", "jsma_pair", "jsma_feature",
            "de_step", "de_patch_dense", "de_patch_conv"]
 
@@ -290,6 +290,17 @@ extern "C" __global__ void cw_margin(const T* z, const long long* labels, T* val
             for (long long k = 0; k < K; ++k)
                 dz[n * K + k] = k == y ? (T)-1 : (k == j ? (T)1 : (T)0);
         }
+    }
+}
+"""
+
+_SRC["count_nonfinite"] = r"""
+extern "C" __global__ void count_nonfinite(const T* a, const T* b, const T* c, long long n,
+                                           int count_c, unsigned long long* total) {
+    GRID_STRIDE(e, n) {
+        // One atomic per NaN/Inf element: none on the inputs of a sound attack.
+        bool bad = !isfinite(a[e]) || !isfinite(b[e]) || (count_c && !isfinite(c[e]));
+        if (bad) atomicAdd(total, 1ULL);
     }
 }
 """
@@ -698,6 +709,21 @@ def _act_code(act):
         return _ACT_CODES[act]
     except KeyError:
         raise AdvkernError(f"unknown activation {act!r}") from None
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+def count_nonfinite(a, b, c=None):
+    """A device uint64 (1,): the number of positions where a, b or c (same size) hold a
+    NaN/Inf. One pass over the three arrays; the caller reads it once."""
+    dt = _float_dtype(a, "a")
+    a, b = _input(a), _input(b, dt)
+    c = a if c is None else _input(c, dt)
+    total = cupy.zeros(1, np.uint64)
+    # 256 threads, grid-stride over the elements: three reads each, memory-bound.
+    _launch_elementwise("count_nonfinite", dt, a.size,
+                        (a, b, c, _i64(a.size), np.int32(c is not a), total))
+    return total
 
 
 # -- layers -------------------------------------------------------------------------------------

@@ -54,6 +54,39 @@ def _blocks(n, tpb=_TPB):
     return max(1, min(_MAX_BLOCKS, -(-int(n) // tpb)))
 
 
+# ============================================================================ checks
+
+
+@_jit
+def _nonfinite_k(a, b, c, use_c, total):
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, a.size, stride):
+        bad = not math.isfinite(a[i]) or not math.isfinite(b[i])
+        if use_c and not math.isfinite(c[i]):
+            bad = True
+        if bad:  # one atomic per NaN/Inf element: none on a sound attack's inputs
+            cuda.atomic.add(total, 0, 1)
+
+
+def count_nonfinite(a, b, c=None):
+    """A device int64 (1,): positions where a, b or c (same size) hold a NaN/Inf."""
+    xp = _array_module(a)
+    total = xp.zeros(1, np.int64)
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    fc = fa if c is None else c.reshape(-1)
+    if fa.size:
+        _nonfinite_k[_blocks(fa.size), _TPB](fa, fb, fc, c is not None, total)
+    return total
+
+
+def _array_module(a):
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
 # ============================================================================ activations
 
 
