@@ -50,6 +50,12 @@ def _jit(fn):
     return cuda.jit(fn) if SIM else cuda.jit(cache=True)(fn)
 
 
+def _jit_closure(fn):
+    # Kernels made by a factory close over per-dtype constants, which numba's on-disk cache
+    # cannot key on: compiled once per process instead (_FACTORY keeps them).
+    return cuda.jit(fn)
+
+
 def _blocks(n, tpb=_TPB):
     return max(1, min(_MAX_BLOCKS, -(-int(n) // tpb)))
 
@@ -118,7 +124,8 @@ def bias_act(y, b, inner, act):
             return
         # an empty placeholder for b: the simulator copies every argument back after a
         # launch, so an aliasing view of y would overwrite y's first element
-        _bias_act_k[_blocks(flat.size), _TPB](flat, flat[:0], 1, 1, code, False)
+        _bias_act_k[_blocks(flat.size), _TPB](flat, flat[:0] if SIM else flat[:1], 1, 1, code,
+                                              False)
     else:
         _bias_act_k[_blocks(flat.size), _TPB](flat, b, int(inner), int(b.size), code, True)
 
@@ -433,7 +440,7 @@ def _make_l2(dt):
     cast = _caster(dt)
     tpb = _TPB
 
-    @_jit
+    @_jit_closure
     def k(xa, g, x0, eps, alpha, lo, hi, active, out):
         n = cuda.blockIdx.x
         t = cuda.threadIdx.x
@@ -542,7 +549,7 @@ def _better(v, p, q, bv, bp, bq):
 def _make_pair():
     tpb = _TPB
 
-    @_jit
+    @_jit_closure
     def k(a, b, domain, positive, p_out, q_out, found):
         n = cuda.blockIdx.x
         t = cuda.threadIdx.x
@@ -601,7 +608,7 @@ def jsma_pair(a, b, domain, positive, p, q, found):
 def _make_feature():
     tpb = _TPB
 
-    @_jit
+    @_jit_closure
     def k(a, b, domain, positive, i_out, found):
         n = cuda.blockIdx.x
         t = cuda.threadIdx.x
@@ -658,7 +665,7 @@ def _make_de_step(dt):
         from numba.cuda import libdevice
         mul = libdevice.fmul_rn if dt == np.float32 else libdevice.dmul_rn
 
-    @_jit
+    @_jit_closure
     def k(pop, r1, r2, r3, cross, forced, f, cr, use_cr, lower, upper, out):
         start = cuda.grid(1)
         stride = cuda.gridsize(1)
