@@ -339,15 +339,23 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ network primitives
 
+    def _mapped(self, n, row_bytes, fn, empty):
+        """fn(a, b) -> a tuple of arrays with rows [a, b), over chunks of [0, n); the parts
+        joined along rows (no copy when one chunk holds the batch, the usual case)."""
+        parts = []
+        self._chunks(n, row_bytes, lambda a, b: parts.append(fn(a, b)))
+        if not parts:
+            return empty()
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(self.xp.concatenate(col) for col in zip(*parts))
+
     def logits(self, net, x):
         net, x = self._batch(net, x)
-        n = len(x)
-        z = self.xp.empty((n, net.num_logits), net.dtype)
-
-        def work(a, b):
-            z[a:b] = self._forward(net, x[a:b])[0]
-        self._chunks(n, self._row_bytes(net), work)
-        return z
+        xp = self.xp
+        return self._mapped(len(x), self._row_bytes(net),
+                            lambda a, b: (self._forward(net, x[a:b])[0],),
+                            lambda: (xp.empty((0, net.num_logits), net.dtype),))[0]
 
     def loss_grad(self, net, x, labels, loss):
         loss = self._loss_kind(loss)
@@ -355,16 +363,16 @@ class GpuBackend:
         n = len(x)
         y = self._labels(labels, n, net.num_logits)
         xp = self.xp
-        values = xp.empty(n, net.dtype)
-        dx = xp.empty((n, net.in_dim), net.dtype)
-        z = xp.empty((n, net.num_logits), net.dtype)
 
         def work(a, b):
             zc, saved = self._forward(net, x[a:b], keep=True)
             v, dz = self._loss(zc, y[a:b], loss)
-            dx[a:b] = self._backward(net, dz, saved)
-            values[a:b], z[a:b] = v, zc
-        self._chunks(n, self._row_bytes(net, 2), work)
+            return v, self._backward(net, dz, saved), zc
+
+        values, dx, z = self._mapped(
+            n, self._row_bytes(net, 2), work,
+            lambda: (xp.empty(0, net.dtype), xp.empty((0, net.in_dim), net.dtype),
+                     xp.empty((0, net.num_logits), net.dtype)))
         return values, dx.reshape(x.shape), z
 
     def jacobian(self, net, x, seeds=None):
