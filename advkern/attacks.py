@@ -182,21 +182,24 @@ def _call_engine(model, x, y, attack, p, seed, backend, common):
     raise AdvkernError(f"unknown attack {attack!r}")
 
 
-def run_attack(model, x, y, attack, *, seed=0, progress=False, backend=None, **params):
+def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", **params):
     """Run a reference attack by name on (x, y) and evaluate it.
 
     x: (N, *model.input_shape) in the box, y: (N,) labels. params: the attack's parameters
     (see DEFAULTS; e.g. eps, alpha, steps, norm, loss, random_start, restarts, early_stop,
     targeted, target (int, (N,) or 'next'), theta, gamma, pixels, popsize, generations,
     clip). JSMA is always targeted (default target 'next' = (y + 1) mod K).
-    backend: None runs the reference implementation (the specification); a backend name
-    ('numpy', 'numba_cpu', see ``advkern.kernels.available()``) runs the engine on it
-    (the exact linear attack always runs the reference).
+    backend: 'auto' (default: ``$ADVKERN_BACKEND`` or the fastest backend here, see
+    ``advkern.kernels.resolve``), 'reference' (or None) for the reference implementation
+    (the specification), or a backend name ('numpy', 'numba_cpu', 'cupy', 'numba_cuda';
+    ``advkern.kernels.available()``) to run the engine on it. The exact linear attack always
+    runs the reference. ``run.params['backend']`` records the name that ran.
     Returns an AttackRun; the time excludes model loading and evaluation.
     """
-    if backend is not None:
-        from . import kernels
-        kernels.get(backend)  # an unknown or unavailable backend fails before any work
+    from . import kernels
+    # an unknown or unavailable backend fails before any work
+    resolved = kernels.resolve("reference" if backend is None else backend)
+    backend = None if resolved == "reference" else resolved
     p = attack_params(attack, **params)
     x, y, clip = check_batch(model, x, y, p.get("clip", (0.0, 1.0)))
     p["clip"] = clip
@@ -232,5 +235,5 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, backend=None, **p
     metrics = _metrics.evaluate(model, x, y, x_adv, target=target)
     p_out = {k: v for k, v in p.items() if k != "target"}
     p_out.update(attack=attack, seed=seed if np.ndim(seed) == 0 else "per-image",
-                 backend=backend or "reference")
+                 backend="reference" if backend is None or attack == "linear" else backend)
     return AttackRun(x_adv, info, metrics, seconds, p_out)

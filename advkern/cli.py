@@ -41,8 +41,10 @@ def cmd_train(args):
                 recipe[key] = getattr(args, key)
         adv = {} if args.adversarial is None else {"adversarial": args.adversarial, "eps": args.eps}
         t0 = time.perf_counter()
+        backend = _backend_arg(args)
         model, hist = train(build(name, seed=args.seed), xtr, ytr, seed=args.seed,
-                            progress=not args.quiet and None, backend=_backend_arg(args),
+                            progress=not args.quiet and None,
+                            backend=None if backend == "reference" else backend,
                             **recipe, **adv)
         secs = time.perf_counter() - t0
         out = args.out or (f"{args.out_dir.rstrip('/')}/{name}.npz" if args.out_dir else None)
@@ -164,8 +166,9 @@ def _attack_kwargs(args):
 
 
 def _backend_arg(args):
-    name = getattr(args, "backend", "reference")
-    return None if name in (None, "reference") else name
+    """The --backend flag resolved ('auto' -> the fastest here; 'reference' stays)."""
+    from .kernels import resolve
+    return resolve(getattr(args, "backend", None) or "auto")
 
 
 def _fmt(v, pct=False):
@@ -204,8 +207,8 @@ def cmd_attack(args):
                                      "metrics": _scalar_metrics(m), "seconds": run.seconds}),
                          default=str))
         return 0
-    print(f"{args.attack} on {args.model}: {len(x)} images, {run.seconds:.2f} s "
-          f"({1000 * run.seconds / max(len(x), 1):.2f} ms/image)")
+    print(f"{args.attack} on {args.model} ({run.params['backend']} backend): {len(x)} images, "
+          f"{run.seconds:.2f} s ({1000 * run.seconds / max(len(x), 1):.2f} ms/image)")
     print(_table(["clean acc", "adv acc", "success", "success | correct", "mean L0", "mean L2",
                   "mean Linf"],
                  [(_fmt(m["clean_accuracy"], True), _fmt(m["adversarial_accuracy"], True),
@@ -434,9 +437,10 @@ def build_parser():
                                       "the bundled MNIST test split)")
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--json", action="store_true", help="one JSON object on stdout")
-        a.add_argument("--backend", default="reference",
-                       help="'reference' (the NumPy specification, default) or a backend "
-                            "running the attack engine: numpy, numba_cpu")
+        a.add_argument("--backend", default="auto",
+                       help="'auto' (default: $ADVKERN_BACKEND or the fastest here: a GPU backend, "
+                            "else numba_cpu), 'reference' (the NumPy specification) or a "
+                            "backend: numpy, numba_cpu, cupy, numba_cuda")
 
     ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "jsma", "jsma1", "pixel", "linear"]
     a = sub.add_parser("attack", help="run an attack on the bundled test split and report")
@@ -487,8 +491,10 @@ def build_parser():
     d = sub.add_parser("demo", help="reproduce the seeds' headline results on bundled MNIST")
     d.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--backend", default="reference",
-                   help="'reference' (default) or a backend: numpy, numba_cpu")
+    d.add_argument("--backend", default="auto",
+                   help="'auto' (default: $ADVKERN_BACKEND or the fastest here: a GPU backend, "
+                        "else numba_cpu), 'reference' (the NumPy specification) or a "
+                        "backend: numpy, numba_cpu, cupy, numba_cuda")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -93,12 +93,14 @@ def headline_results(quick=False, seed=0, log=print, backend=None):
     return rows
 
 
-def run_demo(quick=False, seed=0, backend=None):
+def run_demo(quick=False, seed=0, backend="auto"):
     from .cli import _table
+    from .kernels import resolve
 
     t0 = time.perf_counter()
-    print(f"advkern demo: bundled MNIST (1,000 test images), attacks on "
-          f"{backend or 'the NumPy reference'}")
+    backend = resolve("reference" if backend is None else backend)
+    print(f"advkern demo: bundled MNIST (1,000 test images), attacks on the "
+          f"{'NumPy reference' if backend == 'reference' else backend + ' backend'}")
     rows = headline_results(quick=quick, seed=seed, backend=backend)
     print()
     print(_table(["experiment", "model", "measured", "target", "seconds"], rows))

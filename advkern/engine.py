@@ -24,7 +24,15 @@ from .reference.projections import per_sample_eps
 
 
 def _backend(backend):
-    return kernels.get(backend) if isinstance(backend, str) else backend
+    """A backend module from a name ('auto': the fastest here, see kernels.resolve;
+    'reference': the numpy backend, whose primitives are the reference's) or a module."""
+    if backend is None or isinstance(backend, str):
+        name = kernels.resolve(backend)
+        return kernels.get("numpy" if name == "reference" else name)
+    if not callable(getattr(backend, "prepare", None)):
+        raise AdvkernError(f"backend must be a backend name or module, got "
+                           f"{type(backend).__name__}")
+    return backend
 
 
 def _predict(xp, z):
@@ -37,7 +45,7 @@ def _predict(xp, z):
 
 
 def fgsm(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.0, 1.0),
-         backend="numpy"):
+         backend="auto"):
     """FGSM on a backend: x' = clip(x +- eps * sign(grad_x J)); see reference ``fgsm``.
 
     Run as one L-inf PGD step of length eps from x (the eps-ball clip is then a no-op).
@@ -53,7 +61,7 @@ def _step_len(eps):
 
 
 def fgm_l2(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.0, 1.0),
-           backend="numpy"):
+           backend="auto"):
     """L2 fast gradient x' = clip(x +- eps * g / ||g||_2); see reference ``fgm_l2``.
 
     Run as one L2 PGD step of length eps: the projection onto the eps-ball is then a no-op
@@ -65,7 +73,7 @@ def fgm_l2(model, x, y, eps, *, targeted=False, target=None, loss="ce", clip=(0.
 
 def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=False,
         restarts=1, targeted=False, target=None, early_stop=False, clip=(0.0, 1.0), seed=0,
-        l1_sparsity=0.95, backend="numpy"):
+        l1_sparsity=0.95, backend="auto"):
     """PGD / BIM on a backend; arguments and result as reference ``gradient_attacks.pgd``.
 
     Per step: one ``pgd_step``; with early stop, one ``loss_grad`` (forward + loss + input
@@ -128,7 +136,7 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="inf", loss="ce", random_start=F
     return be.to_host(best)
 
 
-def bim(model, x, y, eps, alpha=None, steps=None, backend="numpy", **kw):
+def bim(model, x, y, eps, alpha=None, steps=None, backend="auto", **kw):
     """BIM (L-inf PGD without random start) with Kurakin et al.'s defaults; see reference."""
     for k in ("norm", "random_start", "restarts"):
         if k in kw:
@@ -146,7 +154,7 @@ def bim(model, x, y, eps, alpha=None, steps=None, backend="numpy", **kw):
 
 
 def jsma(model, x, y, target, *, theta=1.0, gamma=0.1, variant="pair", use_logits=True,
-         clip=(0.0, 1.0), backend="numpy"):
+         clip=(0.0, 1.0), backend="auto"):
     """Targeted JSMA on a backend; arguments and result as reference ``jsma.jsma``.
 
     All images of the batch move together: per iteration one ``jacobian`` (which returns the
@@ -240,7 +248,7 @@ def _saliency(be, net, x, t, use_logits):
 
 def pixel_attack(model, x, y, *, pixels=1, popsize=400, generations=100, F=0.5, CR=None,
                  targeted=False, target=None, seed=0, clip=(0.0, 1.0), early_stop=True,
-                 backend="numpy"):
+                 backend="auto"):
     """One-/few-pixel DE on a backend; arguments and result as reference ``pixel_attack``.
 
     The draws of every generation come from the same per-image generators, in the same

@@ -22,6 +22,13 @@ from advkern.reference import pixel as ref_pixel
 
 from _helpers import randomize
 
+
+@pytest.fixture(autouse=True)
+def _reference_by_default(monkeypatch):
+    """These tests hold run_attack's plumbing to the reference functions bit for bit, so
+    'auto' resolves to the reference here (the engine backends have their own tests)."""
+    monkeypatch.setenv("ADVKERN_BACKEND", "reference")
+
 SHAPE = (1, 5, 5)
 K = 4
 
@@ -222,3 +229,26 @@ def test_empty_batch():
     m, (x, y) = tiny_model(), batch(0)
     run = run_attack(m, x, y, "pgd", steps=2)
     assert run.x_adv.shape == (0, *SHAPE) and run.metrics["n"] == 0
+
+
+def test_auto_backend_is_the_fastest_here_and_recorded(monkeypatch):
+    from advkern import kernels
+
+    monkeypatch.delenv("ADVKERN_BACKEND")
+    fast = kernels.resolve("auto")
+    assert fast in kernels.available() and fast != "numpy"
+    assert not getattr(kernels.get(fast), "SIMULATED", False)
+    m, (x, y) = tiny_model(), batch(6)
+    run = run_attack(m, x, y, "fgsm", eps=0.1)
+    assert run.params["backend"] == fast
+    np.testing.assert_array_equal(run.x_adv, run_attack(m, x, y, "fgsm", eps=0.1,
+                                                        backend=fast).x_adv)
+    assert run_attack(m, x, y, "fgsm", eps=0.1, backend="reference").params["backend"] == \
+        "reference"
+    lin = Sequential([Flatten(), Dense(1)], SHAPE, seed=0, dtype=np.float64)
+    assert run_attack(lin, x, y % 2, "linear", eps=0.1).params["backend"] == "reference"
+    monkeypatch.setenv("ADVKERN_BACKEND", "numpy")
+    assert run_attack(m, x, y, "fgsm", eps=0.1).params["backend"] == "numpy"
+    monkeypatch.setenv("ADVKERN_BACKEND", "tpu")
+    with pytest.raises(AdvkernError, match="unknown backend 'tpu'"):
+        run_attack(m, x, y, "fgsm", eps=0.1)

@@ -185,7 +185,11 @@ def test_attack_table_out_and_json(capsys, files, tmp_path, name):
     rc, out, err = run(capsys, *attack_argv(files, name, n), "--out", out_file)
     assert rc == 0, err
     model_file = files.binary if name == "linear" else files.logreg
-    assert out.startswith(f"{name} on {model_file}: {n} images")
+    # --backend defaults to 'auto': the fastest backend here (the exact linear attack is
+    # the reference's alone), named in the header and in the saved params
+    from advkern.kernels import resolve
+    ran = "reference" if name == "linear" else resolve("auto")
+    assert out.startswith(f"{name} on {model_file} ({ran} backend): {n} images")
     rows = table_rows(out, "clean acc")
     assert len(rows) == 1 and len(rows[0]) == 7
     assert out.rstrip().endswith(f"wrote {out_file}")
@@ -197,7 +201,7 @@ def test_attack_table_out_and_json(capsys, files, tmp_path, name):
     for k in ("y", "pred", "pred_adv", "success", "l0", "l2", "linf"):
         assert z[k].shape == (n,), k
     params = json.loads(str(z["params"]))
-    assert params["attack"] == name and params["seed"] == 0
+    assert params["attack"] == name and params["seed"] == 0 and params["backend"] == ran
     assert 0 <= xa.min() and xa.max() <= 1
     model = load(model_file)
     np.testing.assert_array_equal(z["pred"], model.predict(x))
