@@ -182,6 +182,15 @@ def _scalar_metrics(m):
     return {k: v for k, v in m.items() if not hasattr(v, "shape")}
 
 
+def _need_matplotlib(flag):
+    """Fail before any work when a picture is asked for and cannot be drawn."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise AdvkernError(f"{flag} needs matplotlib: pip install 'advkern[plot]'") from None
+    matplotlib.use("Agg")
+
+
 def cmd_attack(args):
     import json
 
@@ -189,6 +198,8 @@ def cmd_attack(args):
 
     from .attacks import run_attack
 
+    if args.png:
+        _need_matplotlib("--png")
     model = _model(args.model, args.json)
     x, y = _data(args, model)
     run = run_attack(model, x, y, args.attack, seed=args.seed, progress=None if not args.json
@@ -315,6 +326,9 @@ def cmd_sweep(args):
 
     from .attacks import run_attack
 
+    if args.png:
+        _need_matplotlib("--png")
+
     try:
         eps_list = [float(e) for e in args.eps.split(",") if e.strip()]
     except ValueError:
@@ -338,14 +352,7 @@ def cmd_sweep(args):
         rows.append((f"{e:g}", f"{100 * acc:.2f}%"))
     print(_table(["eps", "accuracy"], rows))
     if args.png:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("(no plot: matplotlib is not installed; pip install 'advkern[plot]')",
-                  file=sys.stderr)
-            return 0
+        import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         ax.plot(eps_list, 100 * np.array(accs), "o-")
         ax.set_xlabel("eps")

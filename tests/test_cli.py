@@ -613,3 +613,18 @@ def test_python_m_bad_input_no_traceback(files, tmp_path):
     p = _python_m("attack", "--model", files.mlp, "--attack", "fgsm", "--n", 3, "--eps", "nan")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+
+
+@pytest.mark.parametrize("cmd", ["attack", "sweep"])
+def test_png_without_matplotlib_fails_before_any_work(capsys, files, tmp_path, monkeypatch,
+                                                      cmd):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
+    argv = [cmd, "--model", files.logreg, "--attack", "fgsm", "--n", 4, "--png",
+            tmp_path / "p"]
+    if cmd == "sweep":
+        argv += ["--eps", "0,0.1"]
+    called = []
+    monkeypatch.setattr("advkern.attacks.run_attack", lambda *a, **k: called.append(1))
+    rc, out, err = run(capsys, *argv)
+    assert_one_error_line(rc, out, err, "matplotlib")
+    assert not called and not (tmp_path / "p").exists()
