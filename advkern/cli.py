@@ -48,8 +48,16 @@ def cmd_train(args):
                             **recipe, **adv)
         secs = time.perf_counter() - t0
         out = args.out or (f"{args.out_dir.rstrip('/')}/{name}.npz" if args.out_dir else None)
-        if out:
-            save(model, out)
+        if out is None:
+            # Nothing asked for: keep it where `--model NAME` (and advkern.nets.zoo) looks,
+            # under the same key a first use with these settings would have trained.
+            from .nets import zoo
+            key = {k: v for k, v in recipe.items()
+                   if architectures.RECIPES.get(name, {}).get(k) != v}
+            if backend != "reference":
+                key["backend"] = backend
+            out = str(zoo.cache_path(name, args.seed, **key, **adv))
+        save(model, out)
         rows.append((name + (f"+{args.adversarial}" if args.adversarial else ""),
                      recipe.get("epochs"), f"{100 * model.accuracy(xtr, ytr):.2f}%",
                      f"{100 * model.accuracy(xte, yte):.2f}%", f"{secs:.1f}", out or "-"))
@@ -407,7 +415,8 @@ def build_parser():
                    help="adversarial training objective (FGSM mixed or PGD)")
     t.add_argument("--eps", type=float, default=0.1, help="adversarial training eps (0.1)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", help="weight file to write (.npz), for one architecture")
+    t.add_argument("--out", help="weight file to write (.npz), for one architecture "
+                                 "(default: the model cache, where --model NAME finds it)")
     t.add_argument("--out-dir", help="folder to write NAME.npz files into")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--backend", default="reference",

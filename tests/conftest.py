@@ -1,5 +1,6 @@
-"""Test configuration: Hypothesis profiles (CI: no deadline, derandomized); the CUDA
-simulator for the numba_cuda backend on machines without a CUDA driver."""
+"""Test configuration: Hypothesis profiles (CI: no deadline, derandomized); on machines without
+a CUDA driver, the CUDA simulator for the numba_cuda backend and the CPU emulator for the
+cupy backend."""
 
 import ctypes
 import os
@@ -13,11 +14,14 @@ def _cuda_driver_present():
     return True
 
 
-# Without a GPU, the numba_cuda backend runs under numba's CUDA simulator, so the
-# backend-generic tests exercise every one of its kernels in CI. The variable must be set
-# before numba is first imported (this file is imported before any test module).
+# Without a GPU, the numba_cuda backend runs under numba's CUDA simulator and the cupy
+# backend under advkern's CPU emulator (its CUDA C compiled by g++; unavailable without g++),
+# so the backend-generic tests exercise every one of their kernels in CI. The variables must
+# be set before numba or the backends are first imported (this file is imported before any
+# test module).
 if not _cuda_driver_present():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    os.environ.setdefault("ADVKERN_CUPY_EMULATOR", "1")
 
 from hypothesis import HealthCheck, Phase, settings
 

@@ -129,6 +129,23 @@ def test_train_logreg_writes_model_and_prints_table(capsys, tmp_path):
     assert float(test_acc.rstrip("%")) > 70 and float(train_acc.rstrip("%")) > 70
 
 
+def test_train_without_out_saves_into_the_model_cache(capsys, tmp_path, monkeypatch):
+    from advkern.nets import zoo
+
+    monkeypatch.setenv("ADVKERN_CACHE", str(tmp_path / "cache"))
+    rc, out, err = run(capsys, "train", "--arch", "logreg", "--epochs", "1", "--quiet")
+    assert rc == 0, err
+    saved = table_rows(out, "model")[0][-1]
+    assert saved == str(zoo.cache_path("logreg", 0, epochs=1))
+    trained = load(saved)
+    # the cache serves it: no training happens on the next use with these settings
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = zoo.pretrained("logreg", epochs=1)
+    for p, q in zip(trained.params, again.params):
+        for k in p:
+            np.testing.assert_array_equal(p[k], q[k])
+
+
 def test_train_out_with_two_architectures_is_an_error(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--arch", "logreg", "mlp", "--out", tmp_path / "m.npz")
     assert_one_error_line(rc, out, err, "--out")

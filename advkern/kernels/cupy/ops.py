@@ -34,16 +34,17 @@ Nothing here synchronises or copies to the host: shapes are checked from array m
 
 import numpy as np
 
-import cupy
-
 from ...errors import AdvkernError, ShapeError
+from ._cupy_module import EMULATED, cupy
 
 __all__ = ["count_nonfinite", "bias_act", "act_grad", "im2col", "col2im", "maxpool_fwd", "maxpool_bwd",
            "softmax_xent", "cw_margin", "linf_step", "l2_step", "jsma_pair", "jsma_feature",
            "de_step", "de_patch_dense", "de_patch_conv"]
 
 _THREADS = 256          # also the size of the shared reduction arrays in the CUDA source
-_BLOCKS_PER_SM = 32
+# Under the CPU emulator (one emulated SM) at most 2 blocks, as numba_cuda's simulator: the
+# grid-stride loops then loop from 513 elements on, which the tests' small arrays reach.
+_BLOCKS_PER_SM = 2 if EMULATED else 32
 _ACT_CODES = {"none": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
 
 # -- CUDA C sources ---------------------------------------------------------------------------
