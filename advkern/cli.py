@@ -316,9 +316,11 @@ def cmd_verify(args):
     if args.json:
         print(json.dumps(_json_safe(report), default=float))
         return 0 if report["summary"]["agree"] else 1
+    # The images that differ come first (in index order); identical ones fill the rest.
+    imgs = report["images"]
+    shown = ([r for r in imgs if r["n_diff"]] + [r for r in imgs if not r["n_diff"]])[:args.show]
     rows = [(r["index"], r["max_abs_diff"], f"{100 * r['frac_equal']:.2f}%", r["n_diff"],
-             r["n_tie"] if r["n_tie"] is not None else "n/a")
-            for r in report["images"][: args.show]]
+             r["n_tie"] if r["n_tie"] is not None else "n/a") for r in shown]
     print(_table(["image", "max |diff|", "pixels equal", "pixels differ", "of which sign ties"],
                  rows))
     s = report["summary"]

@@ -375,6 +375,19 @@ def test_verify_own_output_is_identical(capsys, files, tmp_path, name, extra):
     assert s["n_diff"] == 0 and s["max_abs_diff"] == 0.0 and s["frac_equal"] == 1.0
 
 
+def test_verify_lists_the_images_that_differ_first(capsys, files, tmp_path):
+    c = tmp_path / "c.npz"
+    common = ["--model", files.logreg, "--attack", "fgsm", "--n", 10, "--eps", "0.1"]
+    assert run(capsys, "attack", *common, "--out", c)[0] == 0
+    z = dict(np.load(c))
+    z["x_adv"][7, 0, 3, 3] = 1 - z["x_adv"][7, 0, 3, 3]      # image 7 now differs
+    np.savez(c, **z)
+    rc, out, err = run(capsys, "verify", *common, "--candidate", c, "--show", 2)
+    assert rc == 1, (out, err)
+    rows = table_rows(out, "image")
+    assert [r[0] for r in rows] == ["7", "0"] and rows[0][3] == "1"
+
+
 def test_verify_candidate_without_x_uses_test_images(capsys, files, tmp_path):
     c = tmp_path / "c.npz"
     assert run(capsys, "attack", "--model", files.logreg, "--attack", "fgsm", "--n", 5,
