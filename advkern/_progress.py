@@ -7,14 +7,18 @@ import time
 class Progress:
     """``with Progress(total, "train") as bar: bar.update(n, loss=0.3)``.
 
-    Draws at most ~10 times a second; silent when ``enabled`` is False or stderr is not a
-    terminal (CI logs stay clean), unless enabled is True explicitly.
+    On a terminal: a bar redrawn at most ~10 times a second. When stderr is not a terminal
+    (a log, CI) and ``enabled`` is None: one line when the stage ends (what, how many, how
+    long), so logs show every stage without carriage-return noise. Silent when ``enabled``
+    is False; a bar whatever the stream when it is True.
     """
 
     def __init__(self, total, desc="", enabled=None, stream=None):
         self.total, self.desc, self.n = max(int(total), 1), desc, 0
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else bool(enabled)
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.lines = enabled is None and not tty
+        self.enabled = tty if enabled is None else bool(enabled)
         self.t0 = self._last = time.perf_counter()
         self.postfix = ""
 
@@ -41,6 +45,11 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
+        if self.lines and exc[0] is None:
+            el = time.perf_counter() - self.t0
+            self.stream.write(f"{self.desc}: {self.n}/{self.total} in {el:.1f} s "
+                              f"{self.postfix}".rstrip() + "\n")
+            self.stream.flush()
         if self.enabled:
             self._draw(time.perf_counter())
             self.stream.write("\n")

@@ -522,10 +522,24 @@ def _version():
     return __version__
 
 
+def _run(args):
+    """The command, with the Python warnings it raises printed as one 'advkern: note:' line
+    each (not Python's two-line warning format) when it ends."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            return args.func(args)
+        finally:
+            for w in caught:
+                print(f"advkern: note: {w.message}", file=sys.stderr)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except (AdvkernError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else \
             f"{e.strerror}: {e.filename}"

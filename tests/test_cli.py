@@ -658,3 +658,14 @@ def test_png_without_matplotlib_fails_before_any_work(capsys, files, tmp_path, m
     rc, out, err = run(capsys, *argv)
     assert_one_error_line(rc, out, err, "matplotlib")
     assert not called and not (tmp_path / "p").exists()
+
+
+def test_info_onnx_with_softmax_says_so_in_one_note_line(capsys):
+    pytest.importorskip("onnx")
+    path = Path(__file__).parent / "data" / "onnx" / "small_legacy.onnx"
+    rc, out, err = run(capsys, "info", path)
+    assert rc == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"advkern: note: {path}: dropped the trailing Softmax")
+    assert "UserWarning" not in err and "warnings.warn" not in err

@@ -72,3 +72,35 @@ def test_bad_training_arguments(kw, msg):
     x, y = load_mnist("test")
     with pytest.raises(AdvkernError, match=msg):
         train(build("logreg"), x[:10], y[:10], progress=False, **kw)
+
+
+def test_progress_is_one_line_per_stage_off_a_terminal():
+    import io
+
+    from advkern._progress import Progress
+
+    log = io.StringIO()                      # not a terminal
+    with Progress(4, "training mlp", stream=log) as bar:
+        for _ in range(4):
+            bar.update(1, loss=0.5)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("training mlp: 4/4 in ")
+    assert lines[0].endswith("loss=0.5") and "\r" not in log.getvalue()
+    quiet = io.StringIO()
+    with Progress(4, "x", enabled=False, stream=quiet) as bar:
+        bar.update(4)
+    assert quiet.getvalue() == ""
+
+
+def test_first_use_training_says_what_and_where(tmp_path, monkeypatch, capsys):
+    from advkern.nets import zoo
+
+    monkeypatch.setenv("ADVKERN_CACHE", str(tmp_path))
+    zoo.pretrained("logreg", epochs=1)
+    err = capsys.readouterr().err.splitlines()
+    path = zoo.cache_path("logreg", 0, epochs=1)
+    assert err[0] == f"advkern: training the bundled 'logreg' model on first use (cached at " \
+                     f"{path})"
+    assert err[1].startswith("training logreg: ") and path.exists()
+    zoo.pretrained("logreg", epochs=1)                 # cached: says nothing
+    assert capsys.readouterr().err == ""

@@ -163,7 +163,7 @@ def minibatch_grads(model, xb, yb, *, adversarial=None, eps=0.1, mix=0.5, pgd_st
 def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, momentum=0.9,
           weight_decay=0.0, seed=0, adversarial=None, eps=0.1, mix=0.5, pgd_steps=7,
           pgd_alpha=None, clip=(0.0, 1.0), schedule="cosine", x_val=None, y_val=None,
-          progress=None, backend=None):
+          progress=None, backend=None, label="train"):
     """Train a copy of ``model`` on (x, y); the caller's model and arrays are not modified.
 
     x: (N, *model.input_shape) float32/float64, y: (N,) int labels. Each epoch visits the
@@ -172,6 +172,7 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
     (epoch, loss, seconds, and val_accuracy when validation data are given).
     backend: None trains with the NumPy reference; a backend name ('numpy', 'numba_cpu')
     computes the parameter gradients and adversarial points with that backend's primitives.
+    label: the progress line's name of what is trained.
     schedule: 'cosine' decays the learning rate as lr * (1 + cos(pi * t / T)) / 2 over the
     T steps of training (steadier final accuracy on small data); 'constant' keeps it.
     """
@@ -201,7 +202,7 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
     history = []
     steps_per_epoch = -(-len(x) // batch_size)
     total_steps, step = epochs * steps_per_epoch, 0
-    with Progress(epochs * steps_per_epoch, "train", enabled=progress) as bar:
+    with Progress(epochs * steps_per_epoch, label, enabled=progress) as bar:
         for epoch in range(epochs):
             t0 = time.perf_counter()
             order = rng.permutation(len(x))

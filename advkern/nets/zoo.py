@@ -43,8 +43,12 @@ def pretrained(name, seed=0, progress=None, refresh=False, **train_kw):
     if path.exists() and not refresh:
         return load(path)
     x, y = load_mnist("train")
+    if progress is not False:
+        import sys
+        print(f"advkern: training the bundled {name!r} model on first use (cached at {path})",
+              file=sys.stderr, flush=True)
     model, _ = train(build(name, seed=seed), x, y, seed=seed, progress=progress,
-                     **{**RECIPES[name], **train_kw})
+                     label=f"training {name}", **{**RECIPES[name], **train_kw})
     tmp = path.with_suffix(".tmp.npz")
     save(model, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written file

@@ -955,7 +955,9 @@ def de_step(pop, r1, r2, r3, cross, forced, F, CR, lower, upper, out):
     r1, r2, r3 = (_same(r, np.int64, (nb, p), name)
                   for r, name in ((r1, "r1"), (r2, "r2"), (r3, "r3")))
     if CR is None:
-        cross_a, forced_a, cr, use = pop, r1, np.float64(0.0), 0   # never read
+        # never read (use_cross = 0); cross an empty float64 array (no allocation), so that
+        # every pointer has its parameter's type
+        cross_a, forced_a, cr, use = cupy.empty(0, np.float64), r1, np.float64(0.0), 0
     else:
         # The draws are float64 uniforms and the reference compares them to the Python
         # float CR in float64.
