@@ -30,6 +30,10 @@ Launches (``_THREADS`` = 256 threads per block everywhere):
   blocks, and each block streams its image's rows (coalesced, strided by 256).
 
 Nothing here synchronises or copies to the host: shapes are checked from array metadata only.
+
+``cupy`` comes from ``._cupy_module``: the real CuPy, or with ``ADVKERN_CUPY_EMULATOR=1`` the
+CPU emulator (``._emulator``), which runs this CUDA C as host C++ (g++) on NumPy arrays and
+under which grids are capped at 2 blocks.
 """
 
 import numpy as np
