@@ -93,7 +93,6 @@ def run(backends, n_pgd=10000, n_de=1000, pop=400, n_jsma=1000, repeats=5):
             add(name, "de_score", m, n_de,
                 _timed(lambda: be.de_score(net, xde, yde, pd, False), sync, max(2, repeats // 2)),
                 n_de * pop, "cand")
-            del net
     return rows
 
 

@@ -327,7 +327,7 @@ def test_search_empty():
         _search_both("jsma_best_feature", (a, -a, dom, 1.0))
 
 
-# -- timing (reported, never asserted) --------------------------------------------------------
+# -- timing (python tests/test_numba_steps.py; speed belongs to bench/, never to a test) -----
 
 def time_pair_search(n=784, images=64, repeats=21, dtype=np.float32, seed=0):
     """(median, min) seconds per image of one ``jsma_best_pair`` call over a random full
@@ -344,14 +344,6 @@ def time_pair_search(n=784, images=64, repeats=21, dtype=np.float32, seed=0):
         S.jsma_best_pair(a, b, domain, 1.0)
         times.append(time.perf_counter() - t0)
     return float(np.median(times)) / images, float(np.min(times)) / images
-
-
-def test_report_pair_search_timing(capsys):
-    med, best = time_pair_search()
-    with capsys.disabled():
-        print(f"\n[numba_cpu] jsma_best_pair, n=784, random full domain, float32: "
-              f"{med * 1e6:.1f} us per image per call (median; min {best * 1e6:.1f})")
-    assert med > 0
 
 
 if __name__ == "__main__":
