@@ -21,7 +21,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-unset CUPY_TF32 NUMBA_ENABLE_CUDASIM
+unset CUPY_TF32 NUMBA_ENABLE_CUDASIM ADVKERN_CUPY_EMULATOR ADVKERN_BACKEND
 OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
