@@ -394,7 +394,8 @@ def cmd_bench(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args))
+    return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args),
+                    out=None if args.no_report else args.out)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -508,6 +509,10 @@ def build_parser():
 
     d = sub.add_parser("demo", help="reproduce the seeds' headline results on bundled MNIST")
     d.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
+    d.add_argument("--out", default="advkern-report", metavar="DIR",
+                   help="report folder: results.json, report.md, PNG pictures "
+                        "(default ./advkern-report)")
+    d.add_argument("--no-report", action="store_true", help="print the table only")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", default="auto",
                    help="'auto' (default: $ADVKERN_BACKEND or the fastest here: a GPU backend, "
