@@ -55,7 +55,18 @@ _CHUNK = {"pgd": 250, "bim": 250, "jsma": 100, "jsma1": 100, "pixel": 50}
 
 @dataclass
 class AttackRun:
-    """x_adv (N, ...), info (per-image arrays), metrics (dict), seconds, params (dict)."""
+    """The result of ``run_attack``.
+
+    x_adv (N, ...); metrics: scalars only (n, clean / adversarial accuracy, success rates, mean
+    and median of the perturbation norms l0 (features changed, a count), l1, l2, linf, and
+    mean_l0_fraction / median_l0_fraction = the L0 count over the D input features); info:
+    per-image (N,) arrays: the evaluation's pred, pred_adv, success (pred_adv != y, or ==
+    target when targeted), l0 (int64 count), l1, l2, linf, and the attack's own records
+    (e.g. JSMA's iterations, DE's generations and queries; where an attack keeps a record
+    under one of the evaluation's names, its own success flag, L0 count or the prediction
+    of its best candidate, it is kept as attack_success, attack_l0, attack_pred); seconds;
+    params.
+    """
 
     x_adv: np.ndarray
     info: dict
@@ -182,6 +193,19 @@ def _call_engine(model, x, y, attack, p, seed, backend, common):
     raise AdvkernError(f"unknown attack {attack!r}")
 
 
+PER_IMAGE = ("pred", "pred_adv", "success", "l0", "l1", "l2", "linf")
+
+
+def _split_metrics(m, d):
+    """evaluate()'s dict -> (scalar metrics with the L0 fractions, per-image arrays)."""
+    per = {k: m[k] for k in PER_IMAGE}
+    per["l0"] = per["l0"].astype(np.int64)
+    scalars = {k: v for k, v in m.items() if k not in PER_IMAGE}
+    for stat in ("mean", "median"):
+        scalars[f"{stat}_l0_fraction"] = scalars[f"{stat}_l0"] / d if d else float("nan")
+    return scalars, per
+
+
 def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", **params):
     """Run a reference attack by name on (x, y) and evaluate it.
 
@@ -232,7 +256,12 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", *
     seconds = time.perf_counter() - t0
     x_adv = np.concatenate(outs) if outs else x.copy()
     info = {k: np.concatenate([i[k] for i in infos]) for k in (infos[0] if infos else {})}
-    metrics = _metrics.evaluate(model, x, y, x_adv, target=target)
+    metrics, per_image = _split_metrics(_metrics.evaluate(model, x, y, x_adv, target=target),
+                                        int(np.prod(model.input_shape)))
+    for k in PER_IMAGE:
+        if k in info:                     # the attack's own record, kept beside the evaluation's
+            info[f"attack_{k}"] = info.pop(k)
+    info.update(per_image)
     p_out = {k: v for k, v in p.items() if k != "target"}
     p_out.update(attack=attack, seed=seed if np.ndim(seed) == 0 else "per-image",
                  backend="reference" if backend is None or attack == "linear" else backend)

@@ -214,10 +214,12 @@ def cmd_attack(args):
                      else False, backend=_backend_arg(args), **_attack_kwargs(args))
     m = run.metrics
     if args.out:
-        extra = {f"info_{k}": v for k, v in run.info.items()}
-        np.savez_compressed(args.out, x=x, x_adv=run.x_adv, y=y, pred=m["pred"],
-                            pred_adv=m["pred_adv"], success=m["success"], l0=m["l0"],
-                            l2=m["l2"], linf=m["linf"],
+        extra = {f"info_{k}": v for k, v in run.info.items()
+                 if k not in ("pred", "pred_adv", "success", "l0", "l2", "linf")}
+        per = run.info
+        np.savez_compressed(args.out, x=x, x_adv=run.x_adv, y=y, pred=per["pred"],
+                            pred_adv=per["pred_adv"], success=per["success"], l0=per["l0"],
+                            l2=per["l2"], linf=per["linf"],
                             params=np.array(json.dumps(run.params, default=str)), **extra)
     if args.png:
         _panels(model, x, y, run.x_adv, args.png, args.png_max)
@@ -228,7 +230,7 @@ def cmd_attack(args):
         return 0
     print(f"{args.attack} on {args.model} ({run.params['backend']} backend): {len(x)} images, "
           f"{run.seconds:.2f} s ({1000 * run.seconds / max(len(x), 1):.2f} ms/image)")
-    print(_table(["clean acc", "adv acc", "success", "success | correct", "mean L0", "mean L2",
+    print(_table(["clean acc", "adv acc", "success", "success | correct", "mean L0 (px)", "mean L2",
                   "mean Linf"],
                  [(_fmt(m["clean_accuracy"], True), _fmt(m["adversarial_accuracy"], True),
                    _fmt(m["success_rate"], True), _fmt(m["success_rate_on_correct"], True),

@@ -51,7 +51,7 @@ def test_jsma_pairwise_on_mlp(trained, test_split):
         ok = r.info["success"]
         assert ok.mean() >= floor, (use_logits, ok.mean())
         assert r.info["l0"][ok].mean() / 784 <= 0.04
-        assert np.array_equal(r.metrics["pred_adv"][ok], ((y[:100] + 1) % 10)[ok])
+        assert np.array_equal(r.info["pred_adv"][ok], ((y[:100] + 1) % 10)[ok])
 
 
 def test_five_pixels_beat_one_pixel(trained, test_split):

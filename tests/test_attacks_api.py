@@ -12,7 +12,8 @@ Tiny random models (25 inputs) keep every call in milliseconds.
 import numpy as np
 import pytest
 
-from advkern.attacks import ATTACKS, DEFAULTS, AttackRun, attack_params, run_attack
+from advkern.attacks import (ATTACKS, DEFAULTS, PER_IMAGE, AttackRun, attack_params,
+                             run_attack)
 from advkern.errors import AdvkernError
 from advkern.nets import Dense, Flatten, ReLU, Sequential
 from advkern.reference import gradient_attacks as ga
@@ -33,9 +34,8 @@ SHAPE = (1, 5, 5)
 K = 4
 
 METRIC_KEYS = {"n", "clean_accuracy", "adversarial_accuracy", "success_rate",
-               "success_rate_on_correct", "pred", "pred_adv", "success",
-               "l0", "l1", "l2", "linf"} | {f"{s}_{k}" for s in ("mean", "median")
-                                            for k in ("l0", "l1", "l2", "linf")}
+               "success_rate_on_correct", "mean_l0_fraction", "median_l0_fraction"} | {
+    f"{s}_{k}" for s in ("mean", "median") for k in ("l0", "l1", "l2", "linf")}
 
 
 def tiny_model(dtype=np.float64, seed=1, logits=K):
@@ -49,12 +49,15 @@ def batch(n, dtype=np.float64, seed=0, k=K):
 
 
 def assert_same_run(run, x_ref, info_ref=None):
+    """x_adv equal to the reference's; the reference's info kept (a record under one of the
+    evaluation's names as attack_NAME, beside the evaluation's per-image arrays)."""
     assert isinstance(run, AttackRun)
     assert run.x_adv.dtype == x_ref.dtype
     np.testing.assert_array_equal(run.x_adv, x_ref)
     if info_ref is not None:
-        assert set(run.info) == set(info_ref)
-        for k, v in info_ref.items():
+        renamed = {("attack_" + k if k in PER_IMAGE else k): v for k, v in info_ref.items()}
+        assert set(run.info) == set(renamed) | set(PER_IMAGE)
+        for k, v in renamed.items():
             np.testing.assert_array_equal(run.info[k], v, err_msg=f"info[{k!r}]")
 
 
@@ -75,7 +78,7 @@ def test_fgsm_default_eps_and_targeted_next():
     t = (y + 1) % K
     assert_same_run(run, ga.fgsm(m, x, y, 0.2, targeted=True, target=t, loss="cw"))
     # Targeted metrics measure success as prediction == target, not != y.
-    np.testing.assert_array_equal(run.metrics["success"], m.predict(run.x_adv) == t)
+    np.testing.assert_array_equal(run.info["success"], m.predict(run.x_adv) == t)
 
 
 def test_fgm_and_bim_equal_reference():
@@ -108,7 +111,7 @@ def test_pgd_targeted_equals_reference():
                      early_stop=True)
     assert_same_run(run, ga.pgd(m, x, y, 0.2, 0.05, 4, targeted=True, target=t,
                                 early_stop=True))
-    np.testing.assert_array_equal(run.metrics["success"], m.predict(run.x_adv) == t)
+    np.testing.assert_array_equal(run.info["success"], m.predict(run.x_adv) == t)
 
 
 @pytest.mark.parametrize("attack,variant", [("jsma", "pair"), ("jsma1", "single")])
@@ -181,11 +184,17 @@ def test_every_attack_runs_with_metrics_and_keeps_inputs(attack):
     np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(y, y0)
     assert run.x_adv is not x and run.x_adv.shape == x.shape and run.x_adv.dtype == x.dtype
-    assert METRIC_KEYS <= set(run.metrics)
+    assert set(run.metrics) == METRIC_KEYS          # scalars only
+    assert all(np.ndim(v) == 0 for v in run.metrics.values())
     assert run.metrics["n"] == len(x)
-    for k in ("pred", "pred_adv", "success", "l0", "l2", "linf"):
-        assert run.metrics[k].shape == (len(x),)
-    np.testing.assert_array_equal(run.metrics["pred_adv"], m.predict(run.x_adv))
+    for k in PER_IMAGE:
+        assert run.info[k].shape == (len(x),)
+    assert run.info["l0"].dtype == np.int64
+    d = (run.x_adv.astype(np.float64) - x).reshape(len(x), -1)
+    np.testing.assert_array_equal(run.info["l0"], np.count_nonzero(d, axis=1))
+    assert run.metrics["mean_l0_fraction"] == pytest.approx(
+        run.metrics["mean_l0"] / d.shape[1])
+    np.testing.assert_array_equal(run.info["pred_adv"], m.predict(run.x_adv))
     assert run.seconds >= 0
     assert run.params["attack"] == attack and run.params["seed"] == 0
     assert run.params["clip"] == (0.0, 1.0)
@@ -197,7 +206,7 @@ def test_defaults_recorded_in_params():
     run = run_attack(m, x, y, "pgd")
     for k, v in {"eps": 0.3, "alpha": 0.01, "steps": 40, "norm": "inf"}.items():
         assert run.params[k] == v
-    assert run.metrics["linf"].max() <= 0.3 + 1e-12
+    assert run.info["linf"].max() <= 0.3 + 1e-12
     # Given values override the defaults; None means "the default".
     p = attack_params("pgd", eps=0.1, steps=None)
     assert p["eps"] == 0.1 and p["steps"] == 40

@@ -241,7 +241,7 @@ def test_attack_table_out_and_json(capsys, files, tmp_path, name):
         assert params["eps"] == eps
     if name == "pixel":
         assert z["l0"].max() <= 1
-        assert z["info_success"].shape == (n,) and z["info_candidate"].shape == (n, 1, 3)
+        assert z["info_attack_success"].shape == (n,) and z["info_candidate"].shape == (n, 1, 3)
 
     rc, out, err = run(capsys, *attack_argv(files, name, n), "--json")
     assert rc == 0, err
