@@ -388,6 +388,13 @@ def cmd_bench(args):
     try:
         run = importlib.import_module("bench.run")
     except ImportError:
+        if any(a in ("-h", "--help") for a in args.args):
+            print("usage: advkern bench [--quick] [--gpu] [--backends B1,B2] [--only ITEMS] "
+                  "[--out DIR] ...\n\nValidates every backend against the NumPy reference, "
+                  "then times primitives and whole attacks. The benchmark lives in the source "
+                  "checkout (bench/, beside the package), which this installation does not "
+                  "have: run it from a clone of the repository.")
+            return 0
         raise AdvkernError("advkern bench needs a source checkout (the bench/ folder): "
                            "run it from the repository, or use python -m bench there") from None
     return run.main(args.args)
@@ -403,11 +410,21 @@ def cmd_demo(args):
 # ----------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with advkern's error format: one 'advkern: error:' line (with the command
+    whose arguments were wrong) and exit status 2, as every other CLI error."""
+
+    def error(self, message):
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"advkern: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="advkern", description="The math of adversarial examples, "
+    p = _Parser(prog="advkern", description="The math of adversarial examples, "
                                 "framework-free: reference attacks, models and kernels.")
     p.add_argument("--version", action="version", version=f"advkern {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
 
     t = sub.add_parser("train", help="train bundled architectures on the bundled MNIST split")
     t.add_argument("--arch", nargs="+", default=["mlp", "cnn"], metavar="NAME",

@@ -669,3 +669,34 @@ def test_info_onnx_with_softmax_says_so_in_one_note_line(capsys):
     assert len(lines) == 1
     assert lines[0].startswith(f"advkern: note: {path}: dropped the trailing Softmax")
     assert "UserWarning" not in err and "warnings.warn" not in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    ([], "COMMAND"),
+    (["attack", "--attack", "nope"], "invalid choice: 'nope'"),
+    (["attack", "--attack", "fgsm", "--eps", "x"], "--eps"),
+    (["attack"], "--attack"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_argument_errors_are_one_line_and_exit_2(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert_one_error_line(e.value.code, out, err, fragment)
+
+
+def test_bench_help_without_a_source_checkout(capsys, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_bench(name, *a, **k):
+        if name.startswith("bench"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_bench)
+    rc, out, err = run(capsys, "bench", "--help")
+    assert rc == 0 and out.startswith("usage: advkern bench") and "source checkout" in out
+    rc, out, err = run(capsys, "bench", "--quick")
+    assert_one_error_line(rc, out, err, "source checkout")
