@@ -10,9 +10,26 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def check_float_array(x, name="x", ndim=None, finite=True):
-    """Return ``x`` as a float32/float64 ndarray (no copy), or raise naming the problem."""
+    """Return ``x`` as a float32/float64 ndarray (no copy), or raise naming the problem.
+
+    Plain data in any form (lists, read-only, non-contiguous or memory-mapped arrays, a
+    masked array with nothing masked) is accepted; a masked array with masked entries is
+    not (its hidden values would be used), nor is anything that is not numeric data.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        masked = int(np.ma.count_masked(x))
+        if masked:
+            raise AdvkernError(f"{name} is a masked array with {masked} masked value(s): pass "
+                               f"plain data (e.g. {name}.filled(value))")
+        x = np.ma.getdata(x)
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise AdvkernError(f"{name} must be a float32 or float64 array, got "
+                           f"{type(x).__name__}")
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as e:
+            raise AdvkernError(f"{name} must be a float32 or float64 array ({e})") from None
     if x.dtype not in FLOAT_DTYPES:
         raise AdvkernError(f"{name} must be float32 or float64, got dtype {x.dtype}")
     if ndim is not None and x.ndim != ndim:
@@ -26,9 +43,17 @@ def check_float_array(x, name="x", ndim=None, finite=True):
 def check_labels(y, n, num_classes, name="y"):
     """Return integer labels of shape (n,) in [0, num_classes), or raise.
 
-    A binary model (one logit) has num_classes == 2.
+    A binary model (one logit) has num_classes == 2. Whole-number floats are accepted
+    (5.0 is 5); a fractional value (4.7) is an error, never truncated.
     """
-    y = np.asarray(y)
+    if isinstance(y, np.ma.MaskedArray):
+        if np.ma.count_masked(y):
+            raise AdvkernError(f"{name} is a masked array with masked entries: pass plain labels")
+        y = np.ma.getdata(y)
+    try:
+        y = np.asarray(y)
+    except (TypeError, ValueError) as e:
+        raise AdvkernError(f"{name} must hold integer class labels ({e})") from None
     if y.dtype.kind not in "iu":
         if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
@@ -63,8 +88,21 @@ def check_int(value, name, minimum=1):
     return int(value)
 
 
+def check_model(model):
+    """The model itself, or raise when it is not one (None, a path, a dict, ...)."""
+    if not (callable(getattr(model, "check_input", None)) and hasattr(model, "layers")):
+        hint = " (load a file with advkern.load(path) or advkern.load_model(path))" \
+            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else ""
+        raise AdvkernError(f"model must be an advkern model (advkern.Sequential), got "
+                           f"{type(model).__name__}{hint}")
+    return model
+
+
 def check_box(clip):
-    """(lo, hi) with lo < hi, both finite, or raise."""
+    """(lo, hi) with lo < hi, both finite, or raise. A string is not a pair ("01" would
+    otherwise read as (0, 1))."""
+    if isinstance(clip, (str, bytes)):
+        raise AdvkernError(f"clip must be a pair (lo, hi), got {clip!r}")
     try:
         lo, hi = (float(v) for v in clip)
     except (TypeError, ValueError):
@@ -80,6 +118,7 @@ def check_batch(model, x, y, clip=(0.0, 1.0), name="x"):
     x: (N, *model.input_shape) float32/float64, finite, inside [lo, hi];
     y: (N,) integer labels in [0, model.num_classes). Nothing is copied or modified.
     """
+    check_model(model)
     x = model.check_input(x, name)
     lo, hi = check_box(clip)
     if x.size and (x.min() < lo or x.max() > hi):

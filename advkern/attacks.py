@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._progress import Progress
-from ._validate import check_batch, check_int
+from ._validate import check_batch, check_int, check_labels, seed_entropy
 from .errors import AdvkernError
 from .reference import gradient_attacks as ga
 from .reference import jsma as _jsma
@@ -83,7 +83,12 @@ def resolve_target(target, y, num_classes):
         return (y + 1) % num_classes
     if target is None:
         return None
-    return np.broadcast_to(np.asarray(target), y.shape).astype(np.int64)
+    t = np.asarray(target)
+    if t.ndim == 0:
+        t = np.broadcast_to(t, y.shape)
+    # checked like labels: integers (or whole-number floats) in range, one per image; a
+    # fractional target is an error, never truncated
+    return check_labels(t, len(y), num_classes, name="target")
 
 
 _COMMON = {"clip", "targeted", "target", "loss"}
@@ -234,9 +239,14 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", *
         raise AdvkernError("a targeted attack needs a target (a class index, (N,) labels or "
                            "'next')")
     if not p.get("targeted"):
+        if p.get("target") is not None:
+            raise AdvkernError("target= needs targeted=True (an untargeted attack has no "
+                               "target)")
         p.pop("target", None)
     if np.ndim(seed) == 0:
         seed = check_int(seed, "seed", minimum=0)
+    else:
+        seed_entropy(seed, len(x))   # a per-image seed array of the wrong length fails here
     # A fast backend takes the whole batch at once (bigger GEMMs; its own progress is cheap).
     chunk = (_CHUNK.get(attack, len(x)) if backend is None else len(x)) or 1
     n = len(x)

@@ -5,6 +5,8 @@ no traceback is shown for errors the user can fix.
 """
 
 import argparse
+import math
+import os
 import sys
 import time
 
@@ -24,6 +26,17 @@ def _table(headers, rows):
 # ----------------------------------------------------------------------------- train
 
 
+def _writable_file(path):
+    """Fail now, not after the work, when ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise AdvkernError(f"{path} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        raise AdvkernError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise AdvkernError(f"cannot write {path}: folder {folder} is not writable")
+
+
 def cmd_train(args):
     from .nets import architectures, build, save
     from .nets.datasets import load_mnist
@@ -31,6 +44,19 @@ def cmd_train(args):
 
     if args.out and len(args.arch) > 1:
         raise AdvkernError("--out takes one architecture; use --out-dir for several")
+    # Everything that could fail after training is checked before it (nothing is lost).
+    if args.seed < 0:
+        raise AdvkernError(f"--seed must be >= 0, got {args.seed}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise AdvkernError(f"--lr must be finite and > 0, got {args.lr}")
+    if args.epochs is not None and args.epochs < 1:
+        raise AdvkernError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.out_dir:
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise AdvkernError(f"--out-dir {args.out_dir} is a file, not a folder")
+        os.makedirs(args.out_dir, exist_ok=True)
+    if args.out:
+        _writable_file(args.out)
     xtr, ytr = load_mnist("train")
     xte, yte = load_mnist("test")
     rows = []
@@ -126,14 +152,21 @@ def _npz(path):
 
     import numpy as np
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise AdvkernError(f"{path}: not an .npz archive")
     try:
         with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise AdvkernError(f"{path}: not an .npz archive")
             return {k: z[k] for k in z.files}
     except (FileNotFoundError, IsADirectoryError, AdvkernError):
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise AdvkernError(f"{path}: contains pickled objects; advkern never unpickles") \
+                from None
+        raise AdvkernError(f"{path}: not a readable .npz ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise AdvkernError(f"{path}: not a readable .npz ({e})") from None
 
 
@@ -208,6 +241,8 @@ def cmd_attack(args):
 
     if args.png:
         _need_matplotlib("--png")
+    if args.out:
+        _writable_file(args.out)
     model = _model(args.model, args.json)
     x, y = _data(args, model)
     run = run_attack(model, x, y, args.attack, seed=args.seed, progress=None if not args.json
@@ -217,10 +252,12 @@ def cmd_attack(args):
         extra = {f"info_{k}": v for k, v in run.info.items()
                  if k not in ("pred", "pred_adv", "success", "l0", "l2", "linf")}
         per = run.info
-        np.savez_compressed(args.out, x=x, x_adv=run.x_adv, y=y, pred=per["pred"],
-                            pred_adv=per["pred_adv"], success=per["success"], l0=per["l0"],
-                            l2=per["l2"], linf=per["linf"],
-                            params=np.array(json.dumps(run.params, default=str)), **extra)
+        # to an open file, so numpy writes exactly args.out (it appends .npz to a name)
+        with open(args.out, "wb") as fout:
+            np.savez_compressed(fout, x=x, x_adv=run.x_adv, y=y, pred=per["pred"],
+                                pred_adv=per["pred_adv"], success=per["success"],
+                                l0=per["l0"], l2=per["l2"], linf=per["linf"],
+                                params=np.array(json.dumps(run.params, default=str)), **extra)
     if args.png:
         _panels(model, x, y, run.x_adv, args.png, args.png_max)
     if args.json:
@@ -296,6 +333,9 @@ def cmd_grad(args):
 
 def cmd_verify(args):
     import json
+
+    if not (math.isfinite(args.tie_rtol) and args.tie_rtol >= 0):
+        raise AdvkernError(f"--tie-rtol must be finite and >= 0, got {args.tie_rtol}")
 
 
     from .attacks import run_attack

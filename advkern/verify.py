@@ -9,7 +9,7 @@ depends on rounding (float32 vs float64, another summation order) or on the sign
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import AdvkernError, ShapeError
 from .reference import network
 from .reference.projections import project
 
@@ -52,8 +52,12 @@ def compare(model, x, y, ours, candidate, attack, kw, tie_rtol=1e-4, atol=1e-6):
     mine = np.asarray(ours.x_adv, dtype=np.float64)
     if cand.shape != mine.shape:
         raise ShapeError(f"candidate x_adv has shape {cand.shape}, ours {mine.shape}")
+    if not np.isfinite(tie_rtol) or tie_rtol < 0:
+        raise AdvkernError(f"tie_rtol must be finite and >= 0, got {tie_rtol!r}")
     n = len(cand)
     diff = np.abs(cand - mine).reshape(n, -1)
+    # a NaN/Inf candidate pixel differs (NaN > atol would be False and call it equal)
+    diff[~np.isfinite(diff)] = np.inf
     differ = diff > atol
     ties = _tie_masks(model, x, y, attack, kw, tie_rtol)
     images = []

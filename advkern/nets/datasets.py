@@ -41,6 +41,8 @@ from importlib import resources
 
 import numpy as np
 
+from ..errors import AdvkernError  # a ValueError: callers catching ValueError still do
+
 __all__ = ["load_mnist", "load_idx", "load_mnist_idx", "save_idx", "SPLITS"]
 
 SPLITS = ("train", "test", "all")
@@ -72,13 +74,13 @@ def _float_dtype(dtype) -> np.dtype:
     """Validate ``dtype`` as float32 or float64 and return it as an ``np.dtype``."""
     # np.dtype(None) means float64; reject it so only explicit choices pass.
     if dtype is None:
-        raise ValueError("dtype must be float32 or float64, got None")
+        raise AdvkernError("dtype must be float32 or float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+        raise AdvkernError(f"dtype must be float32 or float64, got {dtype!r}") from exc
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be float32 or float64, got {dt.name!r}")
+        raise AdvkernError(f"dtype must be float32 or float64, got {dt.name!r}")
     return dt
 
 
@@ -149,7 +151,7 @@ def load_mnist(split: str = "test", dtype=np.float32) -> tuple[np.ndarray, np.nd
         ValueError: unknown ``split`` or unsupported ``dtype``.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed values: {', '.join(map(repr, SPLITS))}")
+        raise AdvkernError(f"unknown split {split!r}; allowed values: {', '.join(map(repr, SPLITS))}")
     dt = _float_dtype(dtype)
     images, labels, train_idx, test_idx = _load_bundled()
     if split == "train":
@@ -176,7 +178,7 @@ def _read_maybe_gzip(path) -> bytes:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"{os.fspath(path)}: corrupt gzip data ({exc})") from exc
+            raise AdvkernError(f"{os.fspath(path)}: corrupt gzip data ({exc})") from exc
     return raw
 
 
@@ -206,30 +208,30 @@ def load_idx(path) -> np.ndarray:
     name = os.fspath(path)
     raw = _read_maybe_gzip(path)
     if len(raw) < 4:
-        raise ValueError(f"{name}: truncated IDX header ({len(raw)} bytes, need at least 4)")
+        raise AdvkernError(f"{name}: truncated IDX header ({len(raw)} bytes, need at least 4)")
     if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{name}: bad IDX magic {raw[:4].hex(' ')} (first two bytes must be 00 00)")
+        raise AdvkernError(f"{name}: bad IDX magic {raw[:4].hex(' ')} (first two bytes must be 00 00)")
     code, ndim = raw[2], raw[3]
     if code not in _IDX_TYPES:
-        raise ValueError(
+        raise AdvkernError(
             f"{name}: unknown IDX type code 0x{code:02X} "
             f"(known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})"
         )
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise ValueError(f"{name}: truncated IDX header ({len(raw)} bytes, {ndim}-D header needs {header_len})")
+        raise AdvkernError(f"{name}: truncated IDX header ({len(raw)} bytes, {ndim}-D header needs {header_len})")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     be_dtype = _IDX_TYPES[code]
     # Python ints: the product of uint32 sizes can overflow int64.
     count = math.prod(shape)
     expected = header_len + count * be_dtype.itemsize
     if len(raw) < expected:
-        raise ValueError(
+        raise AdvkernError(
             f"{name}: truncated IDX data (shape {shape} of {be_dtype.newbyteorder('=').name} "
             f"needs {expected} bytes, file has {len(raw)})"
         )
     if len(raw) > expected:
-        raise ValueError(f"{name}: {len(raw) - expected} trailing bytes after IDX data (expected {expected} bytes)")
+        raise AdvkernError(f"{name}: {len(raw) - expected} trailing bytes after IDX data (expected {expected} bytes)")
     data = np.frombuffer(raw, dtype=be_dtype, count=count, offset=header_len)
     # astype copies, which both fixes byte order and detaches the result from
     # the read-only bytes buffer.
@@ -253,14 +255,14 @@ def save_idx(path, array) -> None:
     arr = np.asarray(array)
     key = (arr.dtype.kind, arr.dtype.itemsize)
     if key not in _IDX_CODES:
-        raise ValueError(
+        raise AdvkernError(
             f"dtype {arr.dtype.name!r} cannot be stored in IDX "
             "(supported: uint8, int8, int16, int32, float32, float64)"
         )
     if arr.ndim > 255:
-        raise ValueError(f"IDX supports at most 255 dimensions, got {arr.ndim}")
+        raise AdvkernError(f"IDX supports at most 255 dimensions, got {arr.ndim}")
     if any(d >= 2**32 for d in arr.shape):
-        raise ValueError(f"IDX dimension sizes must be < 2**32, got shape {arr.shape}")
+        raise AdvkernError(f"IDX dimension sizes must be < 2**32, got shape {arr.shape}")
     code = _IDX_CODES[key]
     header = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
     payload = header + np.ascontiguousarray(arr, dtype=_IDX_TYPES[code]).tobytes()
@@ -296,15 +298,15 @@ def load_mnist_idx(images_path, labels_path, dtype=np.float32) -> tuple[np.ndarr
     images = load_idx(images_path)
     labels = load_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(
+        raise AdvkernError(
             f"{os.fspath(images_path)}: images must be 3-D uint8 (N, H, W), got {images.dtype.name} {images.shape}"
         )
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(
+        raise AdvkernError(
             f"{os.fspath(labels_path)}: labels must be 1-D integers (N,), got {labels.dtype.name} {labels.shape}"
         )
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
+        raise AdvkernError(
             f"count mismatch: {images.shape[0]} images in {os.fspath(images_path)} "
             f"but {labels.shape[0]} labels in {os.fspath(labels_path)}"
         )

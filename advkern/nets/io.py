@@ -13,6 +13,7 @@ Save -> load is bit-exact (arrays are stored raw).
 """
 
 import json
+import os
 import zipfile
 import zlib
 
@@ -35,8 +36,18 @@ def save(model, path):
     return path
 
 
+def _path(path):
+    """A file path (str or os.PathLike), or ModelFileError: an int would be opened as a file
+    descriptor, None or anything else fails deep in open()."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise ModelFileError(f"a model file path must be a str or os.PathLike, got "
+                             f"{type(path).__name__} {path!r}")
+    return path
+
+
 def load(path):
     """Read a native .npz model file; any defect is a ModelFileError naming it."""
+    path = _path(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -56,6 +67,9 @@ def load(path):
         meta = json.loads(str(files.pop(_META)))
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: model description is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: model description is nested too deeply to be a "
+                             f"model") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ModelFileError(f"{path}: unsupported model file format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     cfg = meta["model"]
@@ -79,7 +93,7 @@ def load_model(path_or_model):
     """A model from a Sequential, a native .npz path or an .onnx path."""
     if isinstance(path_or_model, Sequential):
         return path_or_model
-    path = str(path_or_model)
+    path = os.fspath(_path(path_or_model))
     if path.lower().endswith(".onnx"):
         from .onnx_import import load_onnx
         return load_onnx(path)

@@ -19,8 +19,14 @@ from .train import train
 
 
 def cache_dir():
+    """The model cache folder ($ADVKERN_CACHE, default ~/.cache/advkern), created if needed."""
     d = Path(os.environ.get("ADVKERN_CACHE", Path.home() / ".cache" / "advkern"))
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:   # a regular file there, no permission, ...
+        from ..errors import AdvkernError
+        raise AdvkernError(f"cannot use {d} as the model cache (ADVKERN_CACHE): "
+                           f"{e.strerror}") from None
     return d
 
 

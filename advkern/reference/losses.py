@@ -99,4 +99,5 @@ def get_loss(name):
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}: use one of {sorted(LOSSES)}") from None
+        from ..errors import AdvkernError  # a ValueError subclass
+        raise AdvkernError(f"unknown loss {name!r}: use one of {sorted(LOSSES)}") from None

@@ -8,6 +8,7 @@ pass even through a float32 model (its weights are cast), which is what gradient
 import numpy as np
 
 from . import layers as L
+from .._validate import check_labels, check_model
 from .losses import get_loss
 
 
@@ -70,12 +71,23 @@ def backward(model, dlogits, caches, need_params=True):
     return d, grads
 
 
+def _checked(model, x, y, loss):
+    """The public entry points' inputs checked (model, finite float x of the model's shape,
+    labels in range, a known loss), as the attacks check them."""
+    from ..errors import AdvkernError
+    if loss not in ("ce", "cw"):
+        raise AdvkernError(f"unknown loss {loss!r}: use one of ['ce', 'cw']")
+    x = check_model(model).check_input(x)
+    return x, check_labels(y, len(x), model.num_classes)
+
+
 def loss_and_input_grad(model, x, y, loss="ce"):
     """Per-sample loss (N,) and the input gradient d(sum_n J_n)/dx: (N, *input_shape).
 
     Summing (not averaging) over the batch makes each image's gradient independent of the
     batch size. loss: 'ce' (softmax cross-entropy) or 'cw' (Carlini-Wagner margin).
     """
+    x, y = _checked(model, x, y, loss)
     logits, caches = forward(model, x)
     values, dlogits = get_loss(loss)(logits, y)
     dx, _ = backward(model, dlogits, caches, need_params=False)
@@ -84,6 +96,7 @@ def loss_and_input_grad(model, x, y, loss="ce"):
 
 def loss_and_param_grads(model, x, y, loss="ce"):
     """Mean loss over the batch (a float) and its parameter gradients (list of dicts)."""
+    x, y = _checked(model, x, y, loss)
     logits, caches = forward(model, x)
     values, dlogits = get_loss(loss)(logits, y)
     n = len(x)
@@ -100,6 +113,7 @@ def jacobian(model, x):
     forward and one backward of batch N*K (what K separate backward passes would cost in
     FLOPs, without the per-pass overhead).
     """
+    x = check_model(model).check_input(x)
     n = len(x)
     k = model.shapes[-1][0]
     xr = np.repeat(x, k, axis=0)

@@ -307,6 +307,9 @@ def check_pixel_args(model, x, y, pixels, popsize, generations, F, CR, targeted,
         raise ShapeError(f"pixel_attack needs image models with input (C, H, W), "
                          f"got input shape {model.input_shape}")
     k = check_int(pixels, "pixels", minimum=1)
+    hw = model.input_shape[1] * model.input_shape[2]
+    if k > hw:
+        raise AdvkernError(f"pixels must be at most the image's {hw} pixels, got {k}")
     p = check_int(popsize, "popsize", minimum=4)
     n_gen = check_int(generations, "generations", minimum=1)
     F = check_positive(F, "F")

@@ -1,0 +1,286 @@
+"""Bad input through the API and the CLI, table-driven: each case must raise AdvkernError (or
+the named subclass) with a message naming the problem, or for the CLI exit 2 with exactly one
+'advkern: error:' line and no traceback; nothing the caller passed may change.
+
+The cases are the classes a fuzz run found (issue 11): masked arrays, non-models, labels and
+targets out of range or fractional, a target without targeted, string boxes, too many
+pixels, wrong-length seed arrays, NaN pixels reaching the gradient functions, integer
+inputs, bad paths, deeply nested model JSON, a file where the cache folder should be, and
+the CLI's checks that must come before any work.
+"""
+
+import json
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+import advkern
+from advkern import cli, engine
+from advkern.attacks import run_attack
+from advkern.errors import AdvkernError, ModelFileError, ShapeError
+from advkern.nets import Dense, Flatten, ReLU, Sequential, datasets
+from advkern.reference import network
+from advkern.reference.losses import get_loss
+from advkern.verify import compare
+
+SHAPE = (1, 4, 4)
+
+
+def model():
+    return Sequential([Flatten(), Dense(6), ReLU(), Dense(3)], SHAPE, seed=0,
+                      dtype=np.float64)
+
+
+def data(n=5):
+    rng = np.random.default_rng(0)
+    return rng.random((n, *SHAPE)), rng.integers(0, 3, n)
+
+
+def _masked():
+    x, _ = data()
+    return np.ma.array(x, mask=np.zeros(x.shape, bool) | (np.arange(x.size).reshape(x.shape)
+                                                           == 3))
+
+
+def _nan_x():
+    x, _ = data()
+    x[1, 0, 2, 2] = np.nan
+    return x
+
+
+M = model()
+X, Y = data()
+
+# (id, call, expected error class, a fragment the message must contain)
+API_CASES = [
+    ("masked x, attack", lambda: run_attack(M, _masked(), Y, "fgsm"), AdvkernError, "masked"),
+    ("masked x, gradient", lambda: network.loss_and_input_grad(M, _masked(), Y), AdvkernError,
+     "masked"),
+    ("model None", lambda: run_attack(None, X, Y, "fgsm"), AdvkernError, "model must be"),
+    ("model path string", lambda: run_attack("mlp.npz", X, Y, "fgsm"), AdvkernError,
+     "advkern.load"),
+    ("model dict", lambda: network.jacobian({"layers": []}, X), AdvkernError, "model must be"),
+    ("engine backend object", lambda: engine.pgd(M, X, Y, 0.1, 0.01, 2, backend=object()),
+     AdvkernError, "backend"),
+    ("engine unknown backend", lambda: engine.fgsm(M, X, Y, 0.1, backend="tpu"), AdvkernError,
+     "unknown backend"),
+    ("label >= K, gradient", lambda: network.loss_and_input_grad(M, X, np.full(5, 3)),
+     AdvkernError, "out of range"),
+    ("label >= K, param grads", lambda: network.loss_and_param_grads(M, X, np.full(5, 7)),
+     AdvkernError, "out of range"),
+    ("fractional labels", lambda: network.loss_and_input_grad(M, X, Y + 0.5), AdvkernError,
+     "integer"),
+    ("NaN pixel, gradient", lambda: network.loss_and_input_grad(M, _nan_x(), Y), AdvkernError,
+     "NaN"),
+    ("NaN pixel, jacobian", lambda: network.jacobian(M, _nan_x()), AdvkernError, "NaN"),
+    ("uint8 x, jacobian", lambda: network.jacobian(M, (X * 255).astype(np.uint8)),
+     AdvkernError, "float32 or float64"),
+    ("string x", lambda: network.jacobian(M, "x"), AdvkernError, "float32 or float64"),
+    ("unknown loss, gradient", lambda: network.loss_and_input_grad(M, X, Y, "foo"),
+     AdvkernError, "unknown loss"),
+    ("unknown loss, get_loss", lambda: get_loss("foo"), AdvkernError, "unknown loss"),
+    ("target without targeted", lambda: run_attack(M, X, Y, "fgsm", target=1), AdvkernError,
+     "targeted=True"),
+    ("fractional target", lambda: run_attack(M, X, Y, "fgsm", targeted=True, target=1.7),
+     AdvkernError, "integer"),
+    ("target 2.5 is not 'the true label'",
+     lambda: run_attack(M, X, Y, "pgd", targeted=True, target=2.5), AdvkernError, "integer"),
+    ("wrong-length target array",
+     lambda: run_attack(M, X, Y, "fgsm", targeted=True, target=np.array([1, 2])), ShapeError,
+     "target"),
+    ("target out of range", lambda: run_attack(M, X, Y, "fgsm", targeted=True, target=9),
+     AdvkernError, "out of range"),
+    ("clip as a string", lambda: run_attack(M, X, Y, "fgsm", clip="01"), AdvkernError, "clip"),
+    ("more pixels than the image has",
+     lambda: run_attack(M, X, Y, "pixel", pixels=17, popsize=4, generations=1), AdvkernError,
+     "pixels"),
+    ("wrong-length seed array", lambda: run_attack(M, X, Y, "pgd", seed=np.arange(3)),
+     AdvkernError, "seed"),
+    ("seed 2**70", lambda: run_attack(M, X, Y, "pgd", random_start=True, seed=2 ** 70,
+                                       steps=1), AdvkernError, "seed"),
+    ("load(int)", lambda: advkern.load(999999), ModelFileError, "path"),
+    ("load(None)", lambda: advkern.load(None), ModelFileError, "path"),
+    ("load_model(None)", lambda: advkern.load_model(None), ModelFileError, "path"),
+    ("load_mnist unknown split", lambda: datasets.load_mnist("foo"), AdvkernError, "split"),
+    ("verify tie_rtol < 0", lambda: compare(M, X, Y, run_attack(M, X, Y, "fgsm"), X, "fgsm",
+                                            {"eps": 0.1}, tie_rtol=-1), AdvkernError,
+     "tie_rtol"),
+    ("verify tie_rtol NaN", lambda: compare(M, X, Y, run_attack(M, X, Y, "fgsm"), X, "fgsm",
+                                            {"eps": 0.1}, tie_rtol=float("nan")),
+     AdvkernError, "tie_rtol"),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_input_is_a_clear_error_and_mutates_nothing(case):
+    _, call, err, fragment = case
+    before = (X.copy(), Y.copy(), [{k: a.copy() for k, a in p.items()} for p in M.params])
+    with pytest.raises(err) as e:
+        call()
+    assert fragment.lower() in str(e.value).lower(), str(e.value)
+    np.testing.assert_array_equal(X, before[0])
+    np.testing.assert_array_equal(Y, before[1])
+    for p, q in zip(M.params, before[2]):
+        for k in p:
+            np.testing.assert_array_equal(p[k], q[k])
+
+
+def test_plain_data_in_other_forms_is_accepted():
+    """Lists, read-only, non-contiguous and unmasked masked arrays are plain data."""
+    ref = run_attack(M, X, Y, "fgsm", eps=0.1, backend="reference").x_adv
+    ro = X.copy()
+    ro.flags.writeable = False
+    wide = np.zeros((5, 1, 4, 8))
+    wide[..., ::2] = X
+    for form in (X.tolist(), ro, wide[..., ::2], np.ma.array(X)):
+        got = run_attack(M, form, list(Y), "fgsm", eps=0.1, backend="reference").x_adv
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_verify_counts_a_nan_candidate_pixel_as_different():
+    ours = run_attack(M, X, Y, "fgsm", eps=0.1, backend="reference")
+    cand = ours.x_adv.copy()
+    cand[2, 0, 1, 1] = np.nan
+    rep = compare(M, X, Y, ours, cand, "fgsm", {"eps": 0.1})
+    assert rep["summary"]["n_diff"] == 1 and rep["summary"]["agree"] is False
+
+
+def test_deeply_nested_model_json_is_a_model_file_error(tmp_path):
+    good = tmp_path / "m.npz"
+    advkern.save(M, good)
+    with zipfile.ZipFile(good) as z:
+        assert "__advkern__.npy" in z.namelist()     # the model description (JSON)
+    bad = tmp_path / "deep.npz"
+    z = dict(np.load(good, allow_pickle=False))
+    z["__advkern__"] = np.array("[" * 100_000 + "]" * 100_000)
+    np.savez(bad, **z)
+    with pytest.raises(ModelFileError, match="nested"):
+        advkern.load(bad)
+
+
+def test_a_file_where_the_cache_folder_should_be(tmp_path, monkeypatch):
+    from advkern.nets import zoo
+
+    f = tmp_path / "cache"
+    f.write_text("not a folder")
+    monkeypatch.setenv("ADVKERN_CACHE", str(f))
+    with pytest.raises(AdvkernError, match="ADVKERN_CACHE"):
+        zoo.pretrained("logreg", epochs=1)
+    assert f.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def one_error_line(capsys, argv, fragment):
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:        # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, out, err)
+    assert len(lines) == 1 and lines[0].startswith("advkern: error: "), err
+    assert "Traceback" not in err and fragment.lower() in lines[0].lower(), lines[0]
+    return out
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if an attack or training starts: the error must come first."""
+    monkeypatch.setattr("advkern.attacks.run_attack",
+                        lambda *a, **k: pytest.fail("the attack ran before the error"))
+    monkeypatch.setattr("advkern.nets.train.train",
+                        lambda *a, **k: pytest.fail("training ran before the error"))
+
+
+@pytest.fixture
+def files(tmp_path):
+    m = tmp_path / "m.npz"
+    advkern.save(Sequential([Flatten(), Dense(10)], (1, 28, 28), seed=0), m)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(np.random.default_rng(0).bytes(300))
+    folder_file = tmp_path / "plain_file"
+    folder_file.write_text("x")
+    return {"model": m, "junk": junk, "file": folder_file, "tmp": tmp_path}
+
+
+CLI_CASES = [
+    ("train --out-dir FILE", lambda f: ["train", "--arch", "logreg", "--out-dir", f["file"]],
+     "is a file"),
+    ("train --seed -1", lambda f: ["train", "--arch", "logreg", "--seed", -1], "--seed"),
+    ("train --lr 0", lambda f: ["train", "--arch", "logreg", "--lr", 0], "--lr"),
+    ("train --lr -0.1", lambda f: ["train", "--arch", "logreg", "--lr", -0.1], "--lr"),
+    ("train --lr nan", lambda f: ["train", "--arch", "logreg", "--lr", "nan"], "--lr"),
+    ("train --out into a missing folder",
+     lambda f: ["train", "--arch", "logreg", "--out", f["tmp"] / "no" / "m.npz"],
+     "does not exist"),
+    ("attack --out a folder", lambda f: ["attack", "--model", f["model"], "--attack", "fgsm",
+                                         "--out", f["tmp"]], "folder"),
+    ("attack --data random bytes", lambda f: ["attack", "--model", f["model"], "--attack",
+                                              "fgsm", "--data", f["junk"]],
+     "not an .npz archive"),
+    ("demo --backend foo", lambda f: ["demo", "--backend", "foo"], "unknown backend"),
+    ("verify --tie-rtol -1", lambda f: ["verify", "--model", f["model"], "--attack", "fgsm",
+                                        "--candidate", f["model"], "--tie-rtol", -1],
+     "--tie-rtol"),
+    ("verify --tie-rtol nan", lambda f: ["verify", "--model", f["model"], "--attack", "fgsm",
+                                         "--candidate", f["model"], "--tie-rtol", "nan"],
+     "--tie-rtol"),
+    ("unknown attack", lambda f: ["attack", "--attack", "nope"], "invalid choice"),
+    ("model file is not a model", lambda f: ["attack", "--model", f["junk"], "--attack",
+                                             "fgsm"], "junk.npz"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_is_one_error_line_before_any_work(case, files, capsys, no_work,
+                                                        monkeypatch, tmp_path):
+    monkeypatch.setenv("ADVKERN_CACHE", str(tmp_path / "cache"))
+    _, argv, fragment = case
+    before = {p: p.read_bytes() for p in (files["model"], files["junk"], files["file"])}
+    one_error_line(capsys, argv(files), fragment)
+    for p, b in before.items():
+        assert p.read_bytes() == b
+
+
+def test_attack_out_writes_exactly_the_path_it_names(files, capsys, tmp_path):
+    out = tmp_path / "result_without_extension"
+    rc = cli.main(["attack", "--model", str(files["model"]), "--attack", "fgsm", "--n", "3",
+                   "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0 and out.exists() and not (tmp_path / "result_without_extension.npz").exists()
+    assert f"wrote {out}" in stdout
+    assert json.loads(str(np.load(out)["params"]))["attack"] == "fgsm"
+
+
+def test_no_pickle_payload_ever_runs(tmp_path, capsys):
+    """An .npz carrying a pickled object (its payload would write a marker file)."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil.npz"
+    np.savez(bad, x=np.array([Payload()], dtype=object), y=np.zeros(1, np.int64))
+    assert pickle.dumps(Payload())          # the payload is a real pickle
+    m = tmp_path / "m.npz"
+    advkern.save(Sequential([Flatten(), Dense(10)], (1, 28, 28), seed=0), m)
+    for argv in (["attack", "--model", m, "--attack", "fgsm", "--data", bad], ["info", bad]):
+        try:
+            cli.main([str(a) for a in argv])
+        except SystemExit:
+            pass
+        capsys.readouterr()
+    with pytest.raises((ModelFileError, AdvkernError)):
+        advkern.load(bad)
+    assert not marker.exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
