@@ -370,6 +370,9 @@ def cmd_verify(args):
           f"{100 * s['frac_equal']:.3f}% of pixels equal; "
           + (f"{s['diff_explained_by_ties']}/{s['n_diff']} differing pixels are gradient-sign ties"
              if s["diff_explained_by_ties"] is not None else "tie analysis n/a for this attack"))
+    if s.get("ties_by_class") and s["n_diff"]:
+        print("ties by class: " + ", ".join(f"{k} {v}" for k, v in s["ties_by_class"].items())
+              + " (advkern.verify explains the classes)")
     return 0 if s["agree"] else 1
 
 

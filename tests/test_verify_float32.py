@@ -1,0 +1,57 @@
+"""``verify`` against a float32 implementation written independently: plain NumPy FGSM on
+the bundled mlp with its input features and hidden units permuted (the same function, other
+summation orders in every GEMM) and a softmax computed as exp / sum rather than by
+log-sum-exp. Its sign steps differ from ours wherever float32 cannot decide the gradient's
+sign (saturated softmaxes, gradients within rounding of 0): verify must call every such pixel
+a tie and agree, and must still catch one genuinely wrong pixel."""
+
+import numpy as np
+
+from advkern.attacks import run_attack
+from advkern.nets.datasets import load_mnist
+from advkern.reference import network
+from advkern.verify import TIE_CLASSES, compare
+
+
+def fgsm32_permuted(model, x, y, eps, seed=0):
+    rng = np.random.default_rng(seed)
+    (w1, b1), (w2, b2), (w3, b3) = [(p["w"].astype(np.float32), p["b"].astype(np.float32))
+                                    for p in model.params if p]
+    pin, h1, h2 = (rng.permutation(n) for n in (w1.shape[0], w1.shape[1], w2.shape[1]))
+    w1, b1, w2, b2, w3 = w1[pin][:, h1], b1[h1], w2[h1][:, h2], b2[h2], w3[h2]
+    xf = x.reshape(len(x), -1).astype(np.float32)[:, pin]
+    a1 = xf @ w1 + b1
+    a2 = np.maximum(a1, 0) @ w2 + b2
+    z = np.maximum(a2, 0) @ w3 + b3
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    dz = e / e.sum(axis=1, keepdims=True)
+    dz[np.arange(len(y)), y] -= 1
+    gx = (((dz @ w3.T) * (a2 > 0)) @ w2.T * (a1 > 0)) @ w1.T
+    g = np.empty_like(gx)
+    g[:, pin] = gx
+    return np.clip(x + np.float32(eps) * np.sign(g).reshape(x.shape), 0, 1).astype(np.float32)
+
+
+def test_verify_agrees_with_an_independent_float32_fgsm_and_catches_a_wrong_pixel(trained):
+    x, y = load_mnist("test")
+    m = trained("mlp").astype(np.float32)
+    ours = run_attack(m, x, y, "fgsm", eps=0.1, backend="reference")
+    cand = fgsm32_permuted(m, x, y, 0.1)
+    rep = compare(m, x, y, ours, cand, "fgsm", {"eps": 0.1})
+    s = rep["summary"]
+    # the implementations really differ (else this test would prove nothing) ...
+    assert s["n_diff"] > 100, s
+    # ... and every difference is a float32 tie, of the classes the report names
+    assert s["agree"] and s["diff_explained_by_ties"] == s["n_diff"], s
+    assert set(s["ties_by_class"]) == set(TIE_CLASSES)
+    assert sum(s["ties_by_class"].values()) == s["n_diff"]
+    assert s["ties_by_class"]["saturated"] > 0 and s["ties_by_class"]["rounding"] > 0
+
+    # one genuinely wrong pixel: the step against the sign of a large float64 gradient
+    _, g = network.loss_and_input_grad(m.astype(np.float64), x[:1].astype(np.float64), y[:1])
+    i = int(np.abs(g.ravel()).argmax())
+    bad = cand.copy()
+    flat = bad[0].reshape(-1)
+    flat[i] = np.clip(x[0].reshape(-1)[i] - 0.1 * np.sign(g.ravel()[i]), 0, 1)
+    s2 = compare(m, x, y, ours, bad, "fgsm", {"eps": 0.1})["summary"]
+    assert not s2["agree"] and s2["n_diff"] - s2["diff_explained_by_ties"] == 1
