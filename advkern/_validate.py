@@ -158,6 +158,8 @@ def seed_entropy(seed, n):
     the generators (which costs ~20 us each: skip it when no randomness is drawn)."""
     if np.ndim(seed) == 0:
         s = check_int(int(seed) if isinstance(seed, (np.integer,)) else seed, "seed", minimum=0)
+        if s >= 2 ** 63:
+            raise AdvkernError(f"seed must be < 2**63 (it is stored as int64), got {s}")
         return [[s, i] for i in range(n)]
     seeds = np.asarray(seed)
     if seeds.ndim == 2 and seeds.shape == (n, 2) and seeds.dtype.kind in "iu" and \

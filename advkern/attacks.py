@@ -245,6 +245,7 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", *
         p.pop("target", None)
     if np.ndim(seed) == 0:
         seed = check_int(seed, "seed", minimum=0)
+        seed_entropy(seed, 0)        # the range check (int64)
     else:
         seed_entropy(seed, len(x))   # a per-image seed array of the wrong length fails here
     # A fast backend takes the whole batch at once (bigger GEMMs; its own progress is cheap).

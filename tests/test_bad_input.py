@@ -99,7 +99,7 @@ API_CASES = [
     ("wrong-length seed array", lambda: run_attack(M, X, Y, "pgd", seed=np.arange(3)),
      AdvkernError, "seed"),
     ("seed 2**70", lambda: run_attack(M, X, Y, "pgd", random_start=True, seed=2 ** 70,
-                                       steps=1), AdvkernError, "seed"),
+                                       steps=1), AdvkernError, "2**63"),
     ("load(int)", lambda: advkern.load(999999), ModelFileError, "path"),
     ("load(None)", lambda: advkern.load(None), ModelFileError, "path"),
     ("load_model(None)", lambda: advkern.load_model(None), ModelFileError, "path"),
