@@ -41,6 +41,9 @@ def _simulated():
 SIM = _simulated()
 
 _TPB = 4 if SIM else 256
+# Per-image reductions under the simulator: 2 threads still run the shared-memory tree (one
+# level) and the strided loops, at a fraction of the simulator's cost per barrier.
+_TPB_RED = 2 if SIM else 256
 _TPB_ROW = 4 if SIM else 128
 _MAX_BLOCKS = 2 if SIM else 132 * 32
 _ACT = {"none": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
@@ -438,7 +441,7 @@ def _caster(dt):
 
 def _make_l2(dt):
     cast = _caster(dt)
-    tpb = _TPB
+    tpb = _TPB_RED
 
     @_jit_closure
     def k(xa, g, x0, eps, alpha, lo, hi, active, out):
@@ -526,7 +529,7 @@ def _make_l2(dt):
 def l2_step(xa, g, x0, eps, alpha, lo, hi, active, out):
     dt = xa.dtype.type
     k = _factory("l2", xa.dtype, _make_l2)
-    k[xa.shape[0], _TPB](xa, g, x0, eps, alpha, dt(lo), dt(hi), active, out)
+    k[xa.shape[0], _TPB_RED](xa, g, x0, eps, alpha, dt(lo), dt(hi), active, out)
 
 
 # ============================================================================ JSMA
@@ -547,7 +550,7 @@ def _better(v, p, q, bv, bp, bq):
 
 
 def _make_pair():
-    tpb = _TPB
+    tpb = _TPB_RED
 
     @_jit_closure
     def k(a, b, domain, positive, p_out, q_out, found):
@@ -602,11 +605,11 @@ def _make_pair():
 
 def jsma_pair(a, b, domain, positive, p, q, found):
     k = _factory("pair", np.float64, lambda dt: _make_pair())
-    k[a.shape[0], _TPB](a, b, domain, bool(positive), p, q, found)
+    k[a.shape[0], _TPB_RED](a, b, domain, bool(positive), p, q, found)
 
 
 def _make_feature():
-    tpb = _TPB
+    tpb = _TPB_RED
 
     @_jit_closure
     def k(a, b, domain, positive, i_out, found):
@@ -650,7 +653,7 @@ def _make_feature():
 
 def jsma_feature(a, b, domain, positive, i, found):
     k = _factory("feature", np.float64, lambda dt: _make_feature())
-    k[a.shape[0], _TPB](a, b, domain, bool(positive), i, found)
+    k[a.shape[0], _TPB_RED](a, b, domain, bool(positive), i, found)
 
 
 # ============================================================================ DE
