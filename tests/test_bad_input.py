@@ -284,3 +284,62 @@ def test_no_pickle_payload_ever_runs(tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ----------------------------------------------------------------------------- parameters
+#
+# Every attack parameter with values of the wrong kind: each must be an AdvkernError that
+# names the parameter, raised before any work, on the reference and on every fast backend.
+
+_POS_INT = [0, -3, 1.5, "4", True, float("nan")]
+_BAD = {
+    "eps": [-0.1, float("nan"), float("inf"), "0.1", [0.1, 0.2], True],
+    "alpha": [0.0, -0.01, float("nan"), float("inf"), "x"],
+    "steps": _POS_INT,
+    "restarts": [0, -1, 2.5, "2"],
+    "norm": ["3", 0, "l7", 2.5],
+    "loss": ["mse", 3],
+    "l1_sparsity": [-0.1, 1.5, float("nan"), "0.9"],
+    "theta": [0.0, float("nan"), float("inf"), "1"],
+    "gamma": [0.0, -0.1, 1.5, float("nan"), "0.1"],
+    "pixels": [0, -1, 1.5, 17, "1"],
+    "popsize": [3, 0, 2.5, "10"],
+    "generations": [0, -2, 1.5],
+    "F": [0.0, -0.5, 2.5, float("nan")],
+    "CR": [-0.1, 1.5, float("nan")],
+    "clip": [(1.0, 0.0), (0.0, float("nan")), "01", (0.0,), 5],
+}
+_FOR = {"eps": ["fgsm", "fgm", "bim", "pgd"], "alpha": ["bim", "pgd"], "steps": ["bim", "pgd"],
+        "restarts": ["pgd"], "norm": ["pgd"], "loss": ["fgsm", "pgd"],
+        "l1_sparsity": ["pgd"], "theta": ["jsma", "jsma1"], "gamma": ["jsma", "jsma1"],
+        "pixels": ["pixel"], "popsize": ["pixel"], "generations": ["pixel"], "F": ["pixel"],
+        "CR": ["pixel"], "clip": ["fgsm", "pgd", "jsma", "pixel"]}
+_EXTRA = {"pgd": {"steps": 1}, "bim": {"steps": 1, "alpha": 0.01}, "pixel": {"popsize": 4,
+          "generations": 1}, "jsma": {"gamma": 0.2}, "jsma1": {"gamma": 0.2}}
+_NEEDS = {"restarts": {"random_start": True}, "l1_sparsity": {"norm": 1}}
+
+PARAM_CASES = [(attack, name, value) for name, values in _BAD.items()
+               for attack in _FOR[name] for value in values]
+
+
+def _backends():
+    from advkern import kernels
+    return ["reference"] + [b for b in kernels.available() if b in ("numpy", "numba_cpu")]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("attack,name,value", PARAM_CASES,
+                         ids=[f"{a}-{n}-{v!r}" for a, n, v in PARAM_CASES])
+def test_every_bad_attack_parameter_is_named(attack, name, value, backend):
+    kw = {**_EXTRA.get(attack, {}), **_NEEDS.get(name, {}), name: value}
+    x0, y0 = X.copy(), Y.copy()
+    with pytest.raises(AdvkernError) as e:
+        run_attack(M, X, Y, attack, backend=backend, **kw)
+    msg = str(e.value).lower()
+    assert name.lower() in msg or (name == "eps" and "radius" in msg), str(e.value)
+    np.testing.assert_array_equal(X, x0)
+    np.testing.assert_array_equal(Y, y0)
+
+
+def test_the_parameter_table_is_large():
+    assert len(PARAM_CASES) >= 100
