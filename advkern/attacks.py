@@ -12,6 +12,7 @@ fgsm       x + eps sign(grad) (Goodfellow et al. 2015); targeted descends the ta
 fgm        L2 fast gradient x + eps g / ||g||_2
 bim        L-inf PGD without random start (Kurakin et al.)
 pgd        PGD in L-inf / L2 / L1 with random start and restarts (Madry et al. 2018)
+mifgsm     momentum iterative FGSM (Dong et al. 2018): decay 1.0, 10 steps, alpha eps / steps
 jsma       Jacobian saliency map attack, pair-wise (Papernot et al. 2016); targeted
 jsma1      JSMA, single-feature variant
 pixel      one-/few-pixel attack by differential evolution (Su et al. 2019)
@@ -33,7 +34,7 @@ from .reference import linear as _linear
 from .reference import metrics as _metrics
 from .reference import pixel as _pixel
 
-ATTACKS = ("fgsm", "fgm", "bim", "pgd", "jsma", "jsma1", "pixel", "linear")
+ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "jsma", "jsma1", "pixel", "linear")
 
 # Defaults where a user gives none: the seeds' headline settings.
 DEFAULTS = {
@@ -41,6 +42,7 @@ DEFAULTS = {
     "fgm": {"eps": 1.0},
     "bim": {"eps": 0.1},
     "pgd": {"eps": 0.3, "alpha": 0.01, "steps": 40, "norm": "inf"},
+    "mifgsm": {"eps": 0.3, "steps": 10, "decay": 1.0},
     "jsma": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "jsma1": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "pixel": {"pixels": 1, "popsize": 400, "generations": 100},
@@ -50,7 +52,7 @@ DEFAULTS = {
 # Images per call: small enough for a progress bar, large enough that BLAS is efficient.
 # Every attack's result on a slice equals its result in the whole batch (tests check it),
 # so chunking changes nothing but the bar.
-_CHUNK = {"pgd": 250, "bim": 250, "jsma": 100, "jsma1": 100, "pixel": 50}
+_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "jsma": 100, "jsma1": 100, "pixel": 50}
 
 
 @dataclass
@@ -98,6 +100,7 @@ ALLOWED = {
     "bim": _COMMON | {"eps", "alpha", "steps", "early_stop"},
     "pgd": _COMMON | {"eps", "alpha", "steps", "norm", "random_start", "restarts",
                       "early_stop", "l1_sparsity"},
+    "mifgsm": _COMMON | {"eps", "alpha", "steps", "decay"},
     "jsma": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "jsma1": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "pixel": {"clip", "targeted", "target", "pixels", "popsize", "generations", "F", "CR",
@@ -147,6 +150,10 @@ def _call(model, x, y, attack, p, seed, backend=None):
                       loss=p.get("loss", "ce"), random_start=p.get("random_start", False),
                       restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                       l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common), {}
+    if attack == "mifgsm":
+        return ga.mi_fgsm(model, x, y, p["eps"], p.get("alpha"), p["steps"],
+                          decay=p.get("decay", 1.0), loss=p.get("loss", "ce"), **tgt,
+                          **common), {}
     if attack in ("jsma", "jsma1"):
         return _jsma.jsma(model, x, y, p["target"], theta=p["theta"], gamma=p["gamma"],
                           variant="pair" if attack == "jsma" else "single",
@@ -184,6 +191,10 @@ def _call_engine(model, x, y, attack, p, seed, backend, common):
                           restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                           l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common,
                           **be), {}
+    if attack == "mifgsm":
+        return engine.mi_fgsm(model, x, y, p["eps"], p.get("alpha"), p["steps"],
+                              decay=p.get("decay", 1.0), loss=p.get("loss", "ce"), **tgt,
+                              **common, **be), {}
     if attack in ("jsma", "jsma1"):
         return engine.jsma(model, x, y, p["target"], theta=p["theta"], gamma=p["gamma"],
                            variant="pair" if attack == "jsma" else "single",

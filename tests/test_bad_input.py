@@ -308,8 +308,10 @@ _BAD = {
     "F": [0.0, -0.5, 2.5, float("nan")],
     "CR": [-0.1, 1.5, float("nan")],
     "clip": [(1.0, 0.0), (0.0, float("nan")), "01", (0.0,), 5],
+    "decay": [-0.5, float("nan"), float("inf"), "1", True],
 }
-_FOR = {"eps": ["fgsm", "fgm", "bim", "pgd"], "alpha": ["bim", "pgd"], "steps": ["bim", "pgd"],
+_FOR = {"eps": ["fgsm", "fgm", "bim", "pgd", "mifgsm"], "alpha": ["bim", "pgd", "mifgsm"],
+        "steps": ["bim", "pgd", "mifgsm"], "decay": ["mifgsm"],
         "restarts": ["pgd"], "norm": ["pgd"], "loss": ["fgsm", "pgd"],
         "l1_sparsity": ["pgd"], "theta": ["jsma", "jsma1"], "gamma": ["jsma", "jsma1"],
         "pixels": ["pixel"], "popsize": ["pixel"], "generations": ["pixel"], "F": ["pixel"],

@@ -28,7 +28,7 @@ from advkern.reference import network
 
 ROOT = Path(__file__).resolve().parents[1]
 ONNX_CNN = ROOT / "tests" / "data" / "onnx" / "cnn_legacy.onnx"
-ATTACKS = ["fgsm", "fgm", "bim", "pgd", "jsma", "jsma1", "pixel", "linear"]
+ATTACKS = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "jsma", "jsma1", "pixel", "linear"]
 NPZ_KEYS = {"x", "x_adv", "y", "pred", "pred_adv", "success", "l0", "l2", "linf", "params"}
 
 
@@ -181,6 +181,7 @@ ATTACK_ARGS = {
     "fgm": ["--eps", "1.5"],
     "bim": ["--eps", "0.05", "--steps", "3"],
     "pgd": ["--eps", "0.1", "--alpha", "0.02", "--steps", "3", "--random-start"],
+    "mifgsm": ["--eps", "0.1", "--steps", "3", "--decay", "0.9"],
     "jsma": ["--gamma", "0.05"],
     "jsma1": ["--gamma", "0.05"],
     "pixel": ["--popsize", "8", "--generations", "2"],

@@ -262,3 +262,69 @@ def bim(model, x, y, eps, alpha=None, steps=None, **kw):
         alpha = d_alpha if alpha is None else alpha
         steps = d_steps if steps is None else steps
     return pgd(model, x, y, eps, alpha, steps, norm="inf", random_start=False, **kw)
+
+
+# -- momentum iterative FGSM ---------------------------------------------------------------
+
+
+def check_mi_args(model, x, y, eps, alpha, steps, decay, loss, targeted, target, clip):
+    """Validate MI-FGSM's arguments (shared with the engine: the same errors).
+
+    Returns (x, y, (lo, hi), eps (N,), alpha (N,), steps, decay, labels, sign).
+    """
+    x, y, box = check_batch(model, x, y, clip)
+    e = per_sample_eps(eps, len(x))
+    steps = check_int(steps, "steps", minimum=1)
+    alpha = e / steps if alpha is None else \
+        per_sample_eps(alpha, len(x), name="alpha", allow_zero=False)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(decay) or decay < 0:
+        raise AdvkernError(f"decay must be a finite number >= 0, got {decay!r}")
+    _check_loss(loss)
+    labels, sign = _labels_for_loss(model, y, targeted, target)
+    return x, y, box, e, alpha, steps, float(decay), labels, sign
+
+
+def momentum_update(g, mom, decay):
+    """One MI-FGSM momentum step: mom' = decay * mom + g / ||g||_1 per image.
+
+    g: (N, D) ascent direction in any float dtype; mom: (N, D) float64. The L1 norm and the
+    update run in float64; a zero gradient adds nothing (never NaN). Returns mom' (N, D)
+    float64.
+    """
+    g64 = g.astype(np.float64)
+    l1 = np.abs(g64).sum(axis=1)
+    scale = np.zeros(len(g64))
+    np.divide(1.0, l1, out=scale, where=l1 > 0)
+    return decay * mom + g64 * scale[:, None]
+
+
+def mi_fgsm(model, x, y, eps, alpha=None, steps=10, *, decay=1.0, targeted=False,
+            target=None, loss="ce", clip=(0.0, 1.0)):
+    """Momentum Iterative FGSM (Dong et al., "Boosting adversarial attacks with momentum",
+    CVPR 2018, Algorithm 1), L-inf:
+
+        g_0 = 0,
+        g_{t+1} = mu * g_t + grad_x J(x_t, y) / ||grad_x J(x_t, y)||_1,
+        x_{t+1} = clip_[lo, hi]( clip_[x - eps, x + eps]( x_t + alpha * sign(g_{t+1}) ) ),
+
+    with the paper's defaults mu = decay = 1.0, T = steps = 10 and alpha = eps / T. Targeted
+    (target, (N,) or one int): the momentum accumulates -grad J(x_t, t), i.e. it descends the
+    target's loss. The L1 norm is per image and guarded (a zero gradient adds nothing); the
+    momentum is kept in float64 (``momentum_update``), the image in x's dtype. The ball and
+    box step is exactly PGD's L-inf step with sign(g_{t+1}) in place of sign(grad).
+    x: (N, *input_shape) float32/64 in [lo, hi]; eps, alpha: floats or (N,). Returns x'.
+    """
+    x, y, (lo, hi), e, a, steps, decay, labels, sign = check_mi_args(
+        model, x, y, eps, alpha, steps, decay, loss, targeted, target, clip)
+    if not e.any():
+        return x.copy()
+    n = len(x)
+    mom = np.zeros((n, x[0].size))
+    xa = x
+    for _ in range(steps):
+        _, g = network.loss_and_input_grad(model, xa, labels, loss)
+        mom = momentum_update(sign * g.reshape(n, -1), mom, decay)
+        step = steepest_step(mom.reshape(x.shape).astype(x.dtype), a, "linf")
+        xa = project(xa + step, x, e, "inf", (lo, hi))
+    return xa
