@@ -13,6 +13,7 @@ fgm        L2 fast gradient x + eps g / ||g||_2
 bim        L-inf PGD without random start (Kurakin et al.)
 pgd        PGD in L-inf / L2 / L1 with random start and restarts (Madry et al. 2018)
 mifgsm     momentum iterative FGSM (Dong et al. 2018): decay 1.0, 10 steps, alpha eps / steps
+deepfool   DeepFool (Moosavi-Dezfooli et al. 2016), L2 or L-inf, overshoot 0.02, untargeted
 jsma       Jacobian saliency map attack, pair-wise (Papernot et al. 2016); targeted
 jsma1      JSMA, single-feature variant
 pixel      one-/few-pixel attack by differential evolution (Su et al. 2019)
@@ -34,7 +35,8 @@ from .reference import linear as _linear
 from .reference import metrics as _metrics
 from .reference import pixel as _pixel
 
-ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "jsma", "jsma1", "pixel", "linear")
+ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "jsma", "jsma1", "pixel",
+           "linear")
 
 # Defaults where a user gives none: the seeds' headline settings.
 DEFAULTS = {
@@ -43,6 +45,7 @@ DEFAULTS = {
     "bim": {"eps": 0.1},
     "pgd": {"eps": 0.3, "alpha": 0.01, "steps": 40, "norm": "inf"},
     "mifgsm": {"eps": 0.3, "steps": 10, "decay": 1.0},
+    "deepfool": {"norm": "2", "overshoot": 0.02, "max_iter": 50, "candidates": 10},
     "jsma": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "jsma1": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "pixel": {"pixels": 1, "popsize": 400, "generations": 100},
@@ -52,7 +55,7 @@ DEFAULTS = {
 # Images per call: small enough for a progress bar, large enough that BLAS is efficient.
 # Every attack's result on a slice equals its result in the whole batch (tests check it),
 # so chunking changes nothing but the bar.
-_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "jsma": 100, "jsma1": 100, "pixel": 50}
+_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "deepfool": 100, "jsma": 100, "jsma1": 100, "pixel": 50}
 
 
 @dataclass
@@ -101,6 +104,7 @@ ALLOWED = {
     "pgd": _COMMON | {"eps", "alpha", "steps", "norm", "random_start", "restarts",
                       "early_stop", "l1_sparsity"},
     "mifgsm": _COMMON | {"eps", "alpha", "steps", "decay"},
+    "deepfool": {"clip", "norm", "overshoot", "max_iter", "candidates"},
     "jsma": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "jsma1": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "pixel": {"clip", "targeted", "target", "pixels", "popsize", "generations", "F", "CR",
@@ -150,6 +154,10 @@ def _call(model, x, y, attack, p, seed, backend=None):
                       loss=p.get("loss", "ce"), random_start=p.get("random_start", False),
                       restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                       l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common), {}
+    if attack == "deepfool":
+        from .reference.deepfool import deepfool
+        return deepfool(model, x, y, norm=p["norm"], overshoot=p["overshoot"],
+                        max_iter=p["max_iter"], candidates=p["candidates"], **common)
     if attack == "mifgsm":
         return ga.mi_fgsm(model, x, y, p["eps"], p.get("alpha"), p["steps"],
                           decay=p.get("decay", 1.0), loss=p.get("loss", "ce"), **tgt,
@@ -191,6 +199,10 @@ def _call_engine(model, x, y, attack, p, seed, backend, common):
                           restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                           l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common,
                           **be), {}
+    if attack == "deepfool":
+        return engine.deepfool(model, x, y, norm=p["norm"], overshoot=p["overshoot"],
+                               max_iter=p["max_iter"], candidates=p["candidates"], **common,
+                               **be)
     if attack == "mifgsm":
         return engine.mi_fgsm(model, x, y, p["eps"], p.get("alpha"), p["steps"],
                               decay=p.get("decay", 1.0), loss=p.get("loss", "ce"), **tgt,

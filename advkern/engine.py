@@ -168,6 +168,50 @@ def mi_fgsm(model, x, y, eps, alpha=None, steps=10, *, decay=1.0, targeted=False
     return be.to_host(xa)
 
 
+def deepfool(model, x, y, *, norm=2, overshoot=0.02, max_iter=50, candidates=10,
+             clip=(0.0, 1.0), backend="auto"):
+    """DeepFool on a backend; arguments and result as reference ``deepfool.deepfool``.
+
+    All images move together: per iteration one ``jacobian`` (K rows; it returns the logits
+    for the stop test) over the images still at their original class, then the step
+    (``reference deepfool_step``, written with the backend's xp) on the device.
+    """
+    from .reference import deepfool as _df
+
+    be = _backend(backend)
+    x, y, (lo, hi), norm, overshoot, max_iter, c = _df.check_deepfool_args(
+        model, x, y, norm, overshoot, max_iter, candidates, clip)
+    xp, dt, n = be.xp, x.dtype, len(x)
+    shape = tuple(model.input_shape)
+    net = be.prepare(model, dt)
+    xa = be.to_device(x)
+    x64 = be.to_device(x.reshape(n, -1), np.float64)
+    z0 = be.logits(net, xa)
+    k0 = _predict(xp, z0)
+    cands = _df.candidate_classes(z0, c, xp)
+    r_tot = xp.zeros((n, x[0].size), dtype=np.float64)
+    iters = xp.zeros(n, dtype=np.int64)
+    live = xp.arange(n)
+    flat = xa.reshape(n, -1)
+    for _ in range(max_iter):
+        if not live.size:
+            break
+        jac, z = be.jacobian(net, flat[live].reshape((-1,) + shape))
+        still = _predict(xp, z) == k0[live]
+        live, z, jac = live[still], z[still], jac[still]
+        if not live.size:
+            break
+        r, ok = _df.deepfool_step(z, jac, k0[live], cands[live], norm, xp)
+        live, r = live[ok], r[ok]
+        r_tot[live] += r
+        flat[live] = xp.clip(x64[live] + (1 + overshoot) * r_tot[live], lo, hi).astype(dt)
+        iters[live] += 1
+    pred = _predict(xp, be.logits(net, xa)) if n else xp.zeros(0, dtype=np.int64)
+    info = {"success": be.to_host(pred != k0), "iterations": be.to_host(iters),
+            "original": be.to_host(k0)}
+    return be.to_host(xa), info
+
+
 def bim(model, x, y, eps, alpha=None, steps=None, backend="auto", **kw):
     """BIM (L-inf PGD without random start) with Kurakin et al.'s defaults; see reference."""
     for k in ("norm", "random_start", "restarts"):
@@ -387,4 +431,4 @@ class _DrawAhead:
 
 
 ATTACKS = {"fgsm": fgsm, "fgm": fgm_l2, "bim": bim, "pgd": pgd, "mifgsm": mi_fgsm,
-           "jsma": jsma, "pixel": pixel_attack}
+           "deepfool": deepfool, "jsma": jsma, "pixel": pixel_attack}

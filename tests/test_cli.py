@@ -28,7 +28,8 @@ from advkern.reference import network
 
 ROOT = Path(__file__).resolve().parents[1]
 ONNX_CNN = ROOT / "tests" / "data" / "onnx" / "cnn_legacy.onnx"
-ATTACKS = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "jsma", "jsma1", "pixel", "linear"]
+ATTACKS = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "jsma", "jsma1", "pixel",
+           "linear"]
 NPZ_KEYS = {"x", "x_adv", "y", "pred", "pred_adv", "success", "l0", "l2", "linf", "params"}
 
 
@@ -182,6 +183,7 @@ ATTACK_ARGS = {
     "bim": ["--eps", "0.05", "--steps", "3"],
     "pgd": ["--eps", "0.1", "--alpha", "0.02", "--steps", "3", "--random-start"],
     "mifgsm": ["--eps", "0.1", "--steps", "3", "--decay", "0.9"],
+    "deepfool": ["--max-iter", "5", "--overshoot", "0.05"],
     "jsma": ["--gamma", "0.05"],
     "jsma1": ["--gamma", "0.05"],
     "pixel": ["--popsize", "8", "--generations", "2"],

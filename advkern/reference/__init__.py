@@ -6,14 +6,15 @@
 - ``projections``: L-inf / L2 / L1 balls (L1 exact, Duchi et al. 2008), the box, steepest steps;
 - ``gradient_attacks``: FGSM, FGM-L2, BIM, PGD (L-inf, L2, L1; random start, restarts),
   MI-FGSM;
+- ``deepfool``: DeepFool, multi-class, L2 and L-inf, batched;
 - ``jsma``: the Jacobian saliency map attack (pair-wise and single-feature);
 - ``pixel``: the one-/few-pixel attack by differential evolution;
 - ``linear``: exact worst cases, robust loss and robust training of binary linear models;
 - ``metrics``: success, accuracy, perturbation norms, transferability.
 """
 
-from . import (gradient_attacks, jsma, layers, linear, losses, metrics, network, pixel,
-               projections)
+from . import (deepfool, gradient_attacks, jsma, layers, linear, losses, metrics, network,
+               pixel, projections)
 from .gradient_attacks import bim, fgm_l2, fgsm, mi_fgsm, pgd
 from .jsma import best_feature, best_pair, jsma as jsma_attack
 from .linear import linear_attack, robust_loss, train_robust_linear
