@@ -14,6 +14,7 @@ bim        L-inf PGD without random start (Kurakin et al.)
 pgd        PGD in L-inf / L2 / L1 with random start and restarts (Madry et al. 2018)
 mifgsm     momentum iterative FGSM (Dong et al. 2018): decay 1.0, 10 steps, alpha eps / steps
 deepfool   DeepFool (Moosavi-Dezfooli et al. 2016), L2 or L-inf, overshoot 0.02, untargeted
+cw         Carlini-Wagner L2 (2017): tanh box, Adam, binary search over c per image
 jsma       Jacobian saliency map attack, pair-wise (Papernot et al. 2016); targeted
 jsma1      JSMA, single-feature variant
 pixel      one-/few-pixel attack by differential evolution (Su et al. 2019)
@@ -35,7 +36,7 @@ from .reference import linear as _linear
 from .reference import metrics as _metrics
 from .reference import pixel as _pixel
 
-ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "jsma", "jsma1", "pixel",
+ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "jsma", "jsma1", "pixel",
            "linear")
 
 # Defaults where a user gives none: the seeds' headline settings.
@@ -46,6 +47,7 @@ DEFAULTS = {
     "pgd": {"eps": 0.3, "alpha": 0.01, "steps": 40, "norm": "inf"},
     "mifgsm": {"eps": 0.3, "steps": 10, "decay": 1.0},
     "deepfool": {"norm": "2", "overshoot": 0.02, "max_iter": 50, "candidates": 10},
+    "cw": {"kappa": 0.0, "initial_const": 1.0, "search_steps": 5, "steps": 100, "lr": 0.01},
     "jsma": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "jsma1": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "pixel": {"pixels": 1, "popsize": 400, "generations": 100},
@@ -55,7 +57,7 @@ DEFAULTS = {
 # Images per call: small enough for a progress bar, large enough that BLAS is efficient.
 # Every attack's result on a slice equals its result in the whole batch (tests check it),
 # so chunking changes nothing but the bar.
-_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "deepfool": 100, "jsma": 100, "jsma1": 100, "pixel": 50}
+_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "deepfool": 100, "cw": 100, "jsma": 100, "jsma1": 100, "pixel": 50}
 
 
 @dataclass
@@ -105,6 +107,8 @@ ALLOWED = {
                       "early_stop", "l1_sparsity"},
     "mifgsm": _COMMON | {"eps", "alpha", "steps", "decay"},
     "deepfool": {"clip", "norm", "overshoot", "max_iter", "candidates"},
+    "cw": {"clip", "targeted", "target", "kappa", "initial_const", "search_steps", "steps",
+           "lr", "abort_early"},
     "jsma": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "jsma1": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "pixel": {"clip", "targeted", "target", "pixels", "popsize", "generations", "F", "CR",
@@ -131,6 +135,11 @@ def attack_params(attack, **given):
     return params
 
 
+def _cw_kw(p):
+    return {k: p[k] for k in ("kappa", "initial_const", "search_steps", "steps", "lr",
+                              "abort_early") if k in p}
+
+
 def _call(model, x, y, attack, p, seed, backend=None):
     """One call on a chunk; returns (x_adv, info dict).
 
@@ -154,6 +163,9 @@ def _call(model, x, y, attack, p, seed, backend=None):
                       loss=p.get("loss", "ce"), random_start=p.get("random_start", False),
                       restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                       l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common), {}
+    if attack == "cw":
+        from .reference.cw import cw_l2
+        return cw_l2(model, x, y, **_cw_kw(p), **tgt, **common)
     if attack == "deepfool":
         from .reference.deepfool import deepfool
         return deepfool(model, x, y, norm=p["norm"], overshoot=p["overshoot"],
@@ -199,6 +211,8 @@ def _call_engine(model, x, y, attack, p, seed, backend, common):
                           restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                           l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common,
                           **be), {}
+    if attack == "cw":
+        return engine.cw_l2(model, x, y, **_cw_kw(p), **tgt, **common, **be)
     if attack == "deepfool":
         return engine.deepfool(model, x, y, norm=p["norm"], overshoot=p["overshoot"],
                                max_iter=p["max_iter"], candidates=p["candidates"], **common,

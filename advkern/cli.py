@@ -191,7 +191,9 @@ def _attack_kwargs(args):
             raise AdvkernError(f"--target must be a class index or 'next', got {target!r}") from None
     kw = {"eps": args.eps, "alpha": args.alpha, "steps": args.steps, "norm": args.norm,
           "decay": args.decay, "overshoot": args.overshoot, "max_iter": args.max_iter,
-          "candidates": args.candidates, "loss": args.loss, "theta": args.theta, "gamma": args.gamma, "pixels": args.pixels,
+          "candidates": args.candidates, "kappa": args.kappa,
+          "initial_const": args.initial_const, "search_steps": args.search_steps,
+          "lr": args.lr, "loss": args.loss, "theta": args.theta, "gamma": args.gamma, "pixels": args.pixels,
           "popsize": args.popsize, "generations": args.generations}
     if args.random_start:
         kw["random_start"] = True
@@ -508,6 +510,10 @@ def build_parser():
         a.add_argument("--max-iter", type=int, help="DeepFool iterations at most (50)")
         a.add_argument("--candidates", type=int,
                        help="DeepFool: classes considered, the top logits (10)")
+        a.add_argument("--kappa", type=float, help="C&W confidence margin (0)")
+        a.add_argument("--initial-const", type=float, help="C&W first c (1.0)")
+        a.add_argument("--search-steps", type=int, help="C&W binary-search rounds (5)")
+        a.add_argument("--lr", type=float, help="C&W Adam learning rate (0.01)")
         a.add_argument("--random-start", action="store_true")
         a.add_argument("--restarts", type=int)
         a.add_argument("--early-stop", action="store_true",
@@ -529,8 +535,8 @@ def build_parser():
                             "else numba_cpu), 'reference' (the NumPy specification) or a "
                             "backend: numpy, numba_cpu, cupy, numba_cuda")
 
-    ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "jsma", "jsma1",
-                      "pixel", "linear"]
+    ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "jsma",
+                      "jsma1", "pixel", "linear"]
     a = sub.add_parser("attack", help="run an attack on the bundled test split and report")
     attack_flags(a)
     a.add_argument("--out", help="write x, x_adv, y, pred, pred_adv, success, l0, l2, linf, "

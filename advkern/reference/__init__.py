@@ -7,13 +7,14 @@
 - ``gradient_attacks``: FGSM, FGM-L2, BIM, PGD (L-inf, L2, L1; random start, restarts),
   MI-FGSM;
 - ``deepfool``: DeepFool, multi-class, L2 and L-inf, batched;
+- ``cw``: Carlini-Wagner L2 (tanh box, Adam, per-image binary search over c), batched;
 - ``jsma``: the Jacobian saliency map attack (pair-wise and single-feature);
 - ``pixel``: the one-/few-pixel attack by differential evolution;
 - ``linear``: exact worst cases, robust loss and robust training of binary linear models;
 - ``metrics``: success, accuracy, perturbation norms, transferability.
 """
 
-from . import (deepfool, gradient_attacks, jsma, layers, linear, losses, metrics, network,
+from . import (cw, deepfool, gradient_attacks, jsma, layers, linear, losses, metrics, network,
                pixel, projections)
 from .gradient_attacks import bim, fgm_l2, fgsm, mi_fgsm, pgd
 from .jsma import best_feature, best_pair, jsma as jsma_attack
