@@ -15,6 +15,7 @@ pgd        PGD in L-inf / L2 / L1 with random start and restarts (Madry et al. 2
 mifgsm     momentum iterative FGSM (Dong et al. 2018): decay 1.0, 10 steps, alpha eps / steps
 deepfool   DeepFool (Moosavi-Dezfooli et al. 2016), L2 or L-inf, overshoot 0.02, untargeted
 cw         Carlini-Wagner L2 (2017): tanh box, Adam, binary search over c per image
+lbfgs      Szegedy et al. (2014): box-constrained L-BFGS, search over c; targeted
 jsma       Jacobian saliency map attack, pair-wise (Papernot et al. 2016); targeted
 jsma1      JSMA, single-feature variant
 pixel      one-/few-pixel attack by differential evolution (Su et al. 2019)
@@ -36,8 +37,8 @@ from .reference import linear as _linear
 from .reference import metrics as _metrics
 from .reference import pixel as _pixel
 
-ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "jsma", "jsma1", "pixel",
-           "linear")
+ATTACKS = ("fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "lbfgs", "jsma", "jsma1",
+           "pixel", "linear")
 
 # Defaults where a user gives none: the seeds' headline settings.
 DEFAULTS = {
@@ -48,6 +49,7 @@ DEFAULTS = {
     "mifgsm": {"eps": 0.3, "steps": 10, "decay": 1.0},
     "deepfool": {"norm": "2", "overshoot": 0.02, "max_iter": 50, "candidates": 10},
     "cw": {"kappa": 0.0, "initial_const": 1.0, "search_steps": 5, "steps": 100, "lr": 0.01},
+    "lbfgs": {"initial_const": 0.1, "search_steps": 5, "max_iter": 30, "target": "next"},
     "jsma": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "jsma1": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "pixel": {"pixels": 1, "popsize": 400, "generations": 100},
@@ -57,7 +59,7 @@ DEFAULTS = {
 # Images per call: small enough for a progress bar, large enough that BLAS is efficient.
 # Every attack's result on a slice equals its result in the whole batch (tests check it),
 # so chunking changes nothing but the bar.
-_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "deepfool": 100, "cw": 100, "jsma": 100, "jsma1": 100, "pixel": 50}
+_CHUNK = {"pgd": 250, "bim": 250, "mifgsm": 250, "deepfool": 100, "cw": 100, "lbfgs": 100, "jsma": 100, "jsma1": 100, "pixel": 50}
 
 
 @dataclass
@@ -109,6 +111,8 @@ ALLOWED = {
     "deepfool": {"clip", "norm", "overshoot", "max_iter", "candidates"},
     "cw": {"clip", "targeted", "target", "kappa", "initial_const", "search_steps", "steps",
            "lr", "abort_early"},
+    "lbfgs": {"clip", "targeted", "target", "initial_const", "search_steps", "max_iter",
+              "memory"},
     "jsma": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "jsma1": {"clip", "targeted", "target", "theta", "gamma", "use_logits"},
     "pixel": {"clip", "targeted", "target", "pixels", "popsize", "generations", "F", "CR",
@@ -133,6 +137,10 @@ def attack_params(attack, **given):
     params = dict(DEFAULTS[attack])
     params.update(given)
     return params
+
+
+def _lbfgs_kw(p):
+    return {k: p[k] for k in ("initial_const", "search_steps", "max_iter", "memory") if k in p}
 
 
 def _cw_kw(p):
@@ -163,6 +171,9 @@ def _call(model, x, y, attack, p, seed, backend=None):
                       loss=p.get("loss", "ce"), random_start=p.get("random_start", False),
                       restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                       l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common), {}
+    if attack == "lbfgs":
+        from .reference.lbfgs import lbfgs_attack
+        return lbfgs_attack(model, x, y, p["target"], **_lbfgs_kw(p), **common)
     if attack == "cw":
         from .reference.cw import cw_l2
         return cw_l2(model, x, y, **_cw_kw(p), **tgt, **common)
@@ -211,6 +222,8 @@ def _call_engine(model, x, y, attack, p, seed, backend, common):
                           restarts=p.get("restarts", 1), early_stop=p.get("early_stop", False),
                           l1_sparsity=p.get("l1_sparsity", 0.95), seed=seed, **tgt, **common,
                           **be), {}
+    if attack == "lbfgs":
+        return engine.lbfgs_attack(model, x, y, p["target"], **_lbfgs_kw(p), **common, **be)
     if attack == "cw":
         return engine.cw_l2(model, x, y, **_cw_kw(p), **tgt, **common, **be)
     if attack == "deepfool":
@@ -269,7 +282,7 @@ def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", *
     p = attack_params(attack, **params)
     x, y, clip = check_batch(model, x, y, p.get("clip", (0.0, 1.0)))
     p["clip"] = clip
-    if attack in ("jsma", "jsma1"):
+    if attack in ("jsma", "jsma1", "lbfgs"):
         p["targeted"] = True
     target = resolve_target(p.get("target"), y, model.num_classes) if p.get("targeted") else None
     if p.get("targeted") and target is None:

@@ -201,9 +201,10 @@ def _attack_kwargs(args):
         kw["restarts"] = args.restarts
     if args.early_stop:
         kw["early_stop"] = True
-    if args.targeted or args.attack in ("jsma", "jsma1"):
+    if args.targeted or args.attack in ("jsma", "jsma1", "lbfgs"):
         kw["targeted"] = True
-        kw["target"] = target if target is not None else ("next" if args.attack.startswith("jsma") else None)
+        kw["target"] = target if target is not None else \
+            ("next" if args.attack in ("jsma", "jsma1", "lbfgs") else None)
     elif target is not None:
         raise AdvkernError("--target needs --targeted")
     return kw
@@ -535,8 +536,8 @@ def build_parser():
                             "else numba_cpu), 'reference' (the NumPy specification) or a "
                             "backend: numpy, numba_cpu, cupy, numba_cuda")
 
-    ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "jsma",
-                      "jsma1", "pixel", "linear"]
+    ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "lbfgs",
+                      "jsma", "jsma1", "pixel", "linear"]
     a = sub.add_parser("attack", help="run an attack on the bundled test split and report")
     attack_flags(a)
     a.add_argument("--out", help="write x, x_adv, y, pred, pred_adv, success, l0, l2, linf, "

@@ -249,6 +249,41 @@ def cw_l2(model, x, y, *, targeted=False, target=None, kappa=0.0, initial_const=
     return be.to_host(best).reshape(x.shape).astype(x.dtype), info
 
 
+def lbfgs_attack(model, x, y, target, *, initial_const=0.1, search_steps=5, max_iter=30,
+                 memory=8, clip=(0.0, 1.0), backend="auto"):
+    """Szegedy et al.'s L-BFGS attack on a backend; arguments and result as reference
+    ``lbfgs.lbfgs_attack`` (the projected L-BFGS and the search over c run with the backend's
+    xp; each objective evaluation is one ``loss_grad``). float64 on every backend."""
+    from .reference import lbfgs as _lb
+
+    be = _backend(backend)
+    x, y, (lo, hi), t, c0, search_steps, max_iter, memory = _lb.check_lbfgs_args(
+        model, x, y, target, initial_const, search_steps, max_iter, memory, clip)
+    n = len(x)
+    if n == 0:
+        return x.copy(), {"success": np.zeros(0, bool), "l2": np.zeros(0),
+                          "const": np.zeros(0)}
+    xp = be.xp
+    shape = (n,) + tuple(model.input_shape)
+    net = be.prepare(model, np.float64)
+    t_d = be.to_device(t)
+
+    def loss_grad_fn(z):
+        j, dj, _ = be.loss_grad(net, z.reshape(shape), t_d, "ce")
+        return j, dj.reshape(n, -1)
+
+    def predict_fn(z):
+        return _predict(xp, be.logits(net, z.reshape(shape))) == t_d
+
+    best, found, best_d, const = _lb.run_lbfgs_attack(
+        loss_grad_fn, predict_fn, be.to_device(x.reshape(n, -1), np.float64), c0,
+        search_steps, max_iter, memory, lo, hi, xp)
+    found_h = be.to_host(found)
+    info = {"success": found_h, "l2": np.where(found_h, np.sqrt(be.to_host(best_d)), np.nan),
+            "const": be.to_host(const)}
+    return be.to_host(best).reshape(x.shape).astype(x.dtype), info
+
+
 def bim(model, x, y, eps, alpha=None, steps=None, backend="auto", **kw):
     """BIM (L-inf PGD without random start) with Kurakin et al.'s defaults; see reference."""
     for k in ("norm", "random_start", "restarts"):
@@ -468,4 +503,5 @@ class _DrawAhead:
 
 
 ATTACKS = {"fgsm": fgsm, "fgm": fgm_l2, "bim": bim, "pgd": pgd, "mifgsm": mi_fgsm,
-           "deepfool": deepfool, "cw": cw_l2, "jsma": jsma, "pixel": pixel_attack}
+           "deepfool": deepfool, "cw": cw_l2, "lbfgs": lbfgs_attack, "jsma": jsma,
+           "pixel": pixel_attack}

@@ -28,8 +28,8 @@ from advkern.reference import network
 
 ROOT = Path(__file__).resolve().parents[1]
 ONNX_CNN = ROOT / "tests" / "data" / "onnx" / "cnn_legacy.onnx"
-ATTACKS = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "jsma", "jsma1", "pixel",
-           "linear"]
+ATTACKS = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "lbfgs", "jsma", "jsma1",
+           "pixel", "linear"]
 NPZ_KEYS = {"x", "x_adv", "y", "pred", "pred_adv", "success", "l0", "l2", "linf", "params"}
 
 
@@ -185,6 +185,7 @@ ATTACK_ARGS = {
     "mifgsm": ["--eps", "0.1", "--steps", "3", "--decay", "0.9"],
     "deepfool": ["--max-iter", "5", "--overshoot", "0.05"],
     "cw": ["--steps", "20", "--search-steps", "2", "--lr", "0.05"],
+    "lbfgs": ["--search-steps", "2", "--max-iter", "5"],
     "jsma": ["--gamma", "0.05"],
     "jsma1": ["--gamma", "0.05"],
     "pixel": ["--popsize", "8", "--generations", "2"],

@@ -8,14 +8,15 @@
   MI-FGSM;
 - ``deepfool``: DeepFool, multi-class, L2 and L-inf, batched;
 - ``cw``: Carlini-Wagner L2 (tanh box, Adam, per-image binary search over c), batched;
+- ``lbfgs``: Szegedy et al.'s box-constrained L-BFGS attack (projected L-BFGS), batched;
 - ``jsma``: the Jacobian saliency map attack (pair-wise and single-feature);
 - ``pixel``: the one-/few-pixel attack by differential evolution;
 - ``linear``: exact worst cases, robust loss and robust training of binary linear models;
 - ``metrics``: success, accuracy, perturbation norms, transferability.
 """
 
-from . import (cw, deepfool, gradient_attacks, jsma, layers, linear, losses, metrics, network,
-               pixel, projections)
+from . import (cw, deepfool, gradient_attacks, jsma, layers, lbfgs, linear, losses, metrics,
+               network, pixel, projections)
 from .gradient_attacks import bim, fgm_l2, fgsm, mi_fgsm, pgd
 from .jsma import best_feature, best_pair, jsma as jsma_attack
 from .linear import linear_attack, robust_loss, train_robust_linear
