@@ -48,7 +48,7 @@ DEFAULTS = {
     "pgd": {"eps": 0.3, "alpha": 0.01, "steps": 40, "norm": "inf"},
     "mifgsm": {"eps": 0.3, "steps": 10, "decay": 1.0},
     "deepfool": {"norm": "2", "overshoot": 0.02, "max_iter": 50, "candidates": 10},
-    "cw": {"kappa": 0.0, "initial_const": 1.0, "search_steps": 5, "steps": 100, "lr": 0.01},
+    "cw": {"kappa": 0.0, "initial_const": 1.0, "search_steps": 9, "steps": 100, "lr": 0.1},
     "lbfgs": {"initial_const": 0.1, "search_steps": 5, "max_iter": 30, "target": "next"},
     "jsma": {"theta": 1.0, "gamma": 0.1, "target": "next"},
     "jsma1": {"theta": 1.0, "gamma": 0.1, "target": "next"},

@@ -513,8 +513,8 @@ def build_parser():
                        help="DeepFool: classes considered, the top logits (10)")
         a.add_argument("--kappa", type=float, help="C&W confidence margin (0)")
         a.add_argument("--initial-const", type=float, help="C&W first c (1.0)")
-        a.add_argument("--search-steps", type=int, help="C&W binary-search rounds (5)")
-        a.add_argument("--lr", type=float, help="C&W Adam learning rate (0.01)")
+        a.add_argument("--search-steps", type=int, help="C&W binary-search rounds (9)")
+        a.add_argument("--lr", type=float, help="C&W Adam learning rate (0.1)")
         a.add_argument("--random-start", action="store_true")
         a.add_argument("--restarts", type=int)
         a.add_argument("--early-stop", action="store_true",

@@ -213,7 +213,7 @@ def deepfool(model, x, y, *, norm=2, overshoot=0.02, max_iter=50, candidates=10,
 
 
 def cw_l2(model, x, y, *, targeted=False, target=None, kappa=0.0, initial_const=1.0,
-          search_steps=5, steps=100, lr=0.01, abort_early=True, clip=(0.0, 1.0),
+          search_steps=9, steps=100, lr=0.1, abort_early=True, clip=(0.0, 1.0),
           backend="auto"):
     """Carlini-Wagner L2 on a backend; arguments and result as reference ``cw.cw_l2``.
 

@@ -47,7 +47,8 @@ def test_linear_binary_model_reaches_the_closest_boundary_point():
     m.params[1]["w"][:] = np.random.default_rng(1).standard_normal((36, 1)) * 0.3
     m.params[1]["b"][:] = 0.1
     x, y = batch(m, 4)
-    xa, info = cw_l2(m, x, y, steps=300, search_steps=8, initial_const=0.1)
+    # a small lr and more steps: this checks where C&W converges, not its default budget
+    xa, info = cw_l2(m, x, y, steps=300, search_steps=8, initial_const=0.1, lr=0.01)
     w = m.params[1]["w"][:, 0]
     exact = np.abs(x.reshape(4, -1) @ w + 0.1) / np.linalg.norm(w)   # distance to the plane
     assert info["success"].all()

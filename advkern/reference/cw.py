@@ -21,6 +21,11 @@ tenfold until an upper bound is known, then to the middle of [c, upper]. w resta
 atanh of x each round (the paper's choice). The result per image is the successful x' of
 smallest L2 distance over all rounds and steps, or x itself when none succeeded.
 
+Defaults: 9 search rounds of 100 Adam steps, kappa 0, c from 1.0, lr 0.1. The paper's lr
+of 1e-2 goes with 10,000 iterations: pixels on the box faces start at atanh(+-0.999999) =
++-7.25 in w, and 100 steps of 0.01 hardly move them (measured on the bundled mlp, first 30
+test images: 60% success at lr 0.01 against 100% at lr 0.1).
+
 Early abort (``abort_early``): a round ends for an image when its objective has not fallen
 below 0.9999 times its value of ``steps // 10`` steps earlier; the round ends for the batch
 when every image has stopped.
@@ -122,7 +127,7 @@ def run_cw(grad_fn, x, sign, lo, hi, kappa, c0, search_steps, steps, lr, abort_e
 
 
 def cw_l2(model, x, y, *, targeted=False, target=None, kappa=0.0, initial_const=1.0,
-          search_steps=5, steps=100, lr=0.01, abort_early=True, clip=(0.0, 1.0)):
+          search_steps=9, steps=100, lr=0.1, abort_early=True, clip=(0.0, 1.0)):
     """Carlini-Wagner L2 (see the module docstring). x: (N, *input_shape) in [lo, hi].
     Returns (x_adv in x's dtype, info) with info = {'success', 'l2' (the distance, NaN where
     none succeeded), 'const' (each image's last c)}."""
