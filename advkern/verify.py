@@ -1,9 +1,11 @@
 """Compare another implementation's adversarial examples with the reference's.
 
 For each image: the largest absolute difference, the fraction of input features equal (within
-``atol``), and — for the sign-step attacks (fgsm, bim, and pgd in L-inf without random start) —
+``atol``), and — for the sign-step attacks (fgsm, bim, mifgsm, and pgd in L-inf without random
+start) —
 how many of the differing features are gradient-sign ties, features where sign(g) on the
-replayed reference trajectory legitimately depends on rounding or convention. A feature is a
+replayed reference trajectory legitimately depends on rounding or convention (for mifgsm the
+sign of the momentum, each variant accumulated from its own gradients). A feature is a
 tie, in this order of classes:
 
 - ``zero``: the float64 gradient is exactly 0 (sign(0) is a convention);
@@ -60,7 +62,7 @@ def _tie_masks(model, x, y, attack, kw, tie_rtol, cand_dtype=np.float64):
     """{class: (N, D) bool} of features at a tie of sign(grad) on the reference trajectory
     (each feature in its first class), or None for attacks without sign steps."""
     targeted = bool(kw.get("targeted"))
-    if attack not in ("fgsm", "bim", "pgd"):
+    if attack not in ("fgsm", "bim", "pgd", "mifgsm"):
         return None
     if attack == "pgd" and (kw.get("random_start") or str(kw.get("norm") or "inf") != "inf"):
         return None
@@ -72,8 +74,12 @@ def _tie_masks(model, x, y, attack, kw, tie_rtol, cand_dtype=np.float64):
     sign = -1.0 if targeted else 1.0
     loss = p.get("loss", "ce")
     eps = p["eps"]
+    decay = None
     if attack == "fgsm":
         steps, alpha = 1, eps
+    elif attack == "mifgsm":
+        steps, decay = p["steps"], p.get("decay", 1.0)
+        alpha = p.get("alpha") or eps / steps
     elif attack == "bim":
         d_alpha, d_steps = bim_defaults(eps)
         alpha, steps = p.get("alpha") or d_alpha, p.get("steps") or d_steps
@@ -85,20 +91,32 @@ def _tie_masks(model, x, y, attack, kw, tie_rtol, cand_dtype=np.float64):
     n, d = len(x), x[0].size
     found = {c: np.zeros((n, d), dtype=bool) for c in TIE_CLASSES}
     xa = x.copy()
+    # MI-FGSM steps by the sign of its momentum: the ties are the momentum's, each of the
+    # three (ours in x's dtype, float64, float32) accumulated from its own gradients
+    mom = {k: np.zeros((n, d)) for k in ("g", "g64", "g32")} if decay is not None else None
     for _ in range(steps):
         _, g = network.loss_and_input_grad(model, xa, labels, loss)
         x64 = xa.astype(np.float64)
         _, g64 = network.loss_and_input_grad(m64, x64, labels, loss)
         g64 = g64.reshape(n, -1)
+        if mom is not None:
+            from .reference.gradient_attacks import momentum_update
+            mom["g"] = momentum_update(sign * g.reshape(n, -1), mom["g"], decay)
+            mom["g64"] = momentum_update(sign * g64, mom["g64"], decay)
+            g = (sign * mom["g"]).reshape(g.shape).astype(g.dtype)
+            g64 = sign * mom["g64"]
         gf = np.abs(g.reshape(n, -1))
         step = {"zero": g64 == 0, "near_zero": gf <= tie_rtol * gf.max(axis=1, keepdims=True)}
         if f32:
             _, g32 = network.loss_and_input_grad(m32, xa.astype(np.float32), labels, loss)
             g32 = g32.reshape(n, -1).astype(np.float64)
+            if mom is not None:
+                mom["g32"] = momentum_update(sign * g32, mom["g32"], decay)
+                g32 = sign * mom["g32"]
             step["saturated"] = np.repeat(_saturated(model, x64, labels, loss)[:, None], d, 1)
             step["rounding"] = (np.abs(g64) <= 4 * np.abs(g32 - g64)) | \
                 (np.sign(g32) != np.sign(g64))
-            if loss == "ce":
+            if loss == "ce" and mom is None:
                 step["rounding"] |= np.abs(g64) <= 8 * _EPS32 * _label_row(m64, x64, labels)
         for c in step:
             found[c] |= step[c]

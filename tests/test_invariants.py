@@ -1,7 +1,7 @@
 """Invariants every backend keeps, attack by attack: the same seed gives the same bits in
 another run and in another process; a batch equals its images attacked alone and any split
-of it (bit for bit, except the L2 step's last bit, which BLAS's batch-size-dependent GEMM
-order reaches); float32 and float64 both run, keep their dtype and stay in the box and the
+of it (bit for bit, except the last bit of the continuous steps — L2 PGD, DeepFool, C&W,
+L-BFGS — which BLAS's batch-size-dependent GEMM order reaches); float32 and float64 both run, keep their dtype and stay in the box and the
 ball.
 
 Parametrized over the reference and every backend available here (the GPU backends' CPU
@@ -29,6 +29,10 @@ ATTACKS = {
     "pgd_l2": {"eps": 1.0, "alpha": 0.3, "steps": 3, "norm": "2", "random_start": True},
     "jsma": {"gamma": 0.2, "theta": 1.0},
     "pixel": {"popsize": 6, "generations": 3, "pixels": 2},
+    "mifgsm": {"eps": 0.2, "steps": 3, "decay": 0.9},
+    "deepfool": {"max_iter": 10},
+    "cw": {"steps": 10, "search_steps": 2},
+    "lbfgs": {"search_steps": 2, "max_iter": 5},
 }
 
 
@@ -91,9 +95,9 @@ def test_batch_equals_images_alone_and_any_split(name, backend):
         kw = dict(ATTACKS[name])
         part = run_attack(m, x[a:b], y[a:b], "pgd" if name == "pgd_l2" else name,
                           backend=backend, seed=seeds[a:b], **kw).x_adv
-        if name == "pgd_l2":
-            # BLAS may sum a 1-row GEMM in another order than a 6-row one: the L2 step
-            # carries that last-bit difference (sign steps, argmaxes and DE do not)
+        if name in ("pgd_l2", "deepfool", "cw", "lbfgs"):
+            # BLAS may sum a 1-row GEMM in another order than a 6-row one: continuous steps
+            # carry that last-bit difference (sign steps, argmaxes and DE do not)
             np.testing.assert_allclose(part, whole[a:b], rtol=1e-12, atol=1e-12,
                                        err_msg=f"images {a}:{b}")
         else:
@@ -111,7 +115,7 @@ def test_both_dtypes_run_keep_their_dtype_and_stay_in_box_and_ball(name, dtype, 
     d = (run.x_adv.astype(np.float64) - x).reshape(len(x), -1)
     kw = ATTACKS[name]
     tol = 1e-6 if dtype == np.float32 else 1e-12
-    if name in ("fgsm", "pgd"):
+    if name in ("fgsm", "pgd", "mifgsm"):
         assert np.abs(d).max() <= kw["eps"] + tol
     elif name == "pgd_l2":
         assert np.sqrt((d * d).sum(1)).max() <= kw["eps"] * (1 + tol)

@@ -55,3 +55,22 @@ def test_verify_agrees_with_an_independent_float32_fgsm_and_catches_a_wrong_pixe
     flat[i] = np.clip(x[0].reshape(-1)[i] - 0.1 * np.sign(g.ravel()[i]), 0, 1)
     s2 = compare(m, x, y, ours, bad, "fgsm", {"eps": 0.1})["summary"]
     assert not s2["agree"] and s2["n_diff"] - s2["diff_explained_by_ties"] == 1
+
+
+def test_verify_mi_fgsm_own_output_and_a_wrong_pixel(trained):
+    """MI-FGSM's sign steps are the momentum's: our own run agrees; one pixel stepped against
+    the sign of a large momentum is caught."""
+    x, y = load_mnist("test")
+    x, y = x[:200], y[:200]
+    m = trained("mlp").astype(np.float32)
+    kw = {"eps": 0.1, "steps": 5}
+    ours = run_attack(m, x, y, "mifgsm", backend="reference", **kw)
+    rep = compare(m, x, y, ours, ours.x_adv.copy(), "mifgsm", kw)
+    assert rep["summary"]["agree"] and rep["summary"]["n_diff"] == 0
+    assert rep["summary"]["ties_by_class"] is not None       # the tie analysis ran
+    bad = ours.x_adv.copy()
+    d = (bad[0] - x[0]).reshape(-1)
+    i = int(np.abs(d).argmax())                 # a pixel the attack moved by a full eps
+    bad[0].reshape(-1)[i] = np.clip(x[0].reshape(-1)[i] - d[i], 0, 1)
+    s = compare(m, x, y, ours, bad, "mifgsm", kw)["summary"]
+    assert s["n_diff"] == 1 and not s["agree"]
