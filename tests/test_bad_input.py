@@ -345,3 +345,133 @@ def test_every_bad_attack_parameter_is_named(attack, name, value, backend):
 
 def test_the_parameter_table_is_large():
     assert len(PARAM_CASES) >= 100
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _file_cases(tmp):
+    """(name, path, fragment) for model files with one defect each."""
+    good = tmp / "good.npz"
+    advkern.save(Sequential([Flatten(), Dense(10)], (1, 28, 28), seed=0), good)
+    z = dict(np.load(good))
+    meta = json.loads(str(z["__advkern__"]))
+
+    def write(name, arrays):
+        p = tmp / name
+        np.savez(p, **arrays)
+        return p
+
+    def with_meta(name, change):
+        m = json.loads(json.dumps(meta))
+        change(m)
+        return write(name, {**z, "__advkern__": np.array(json.dumps(m))})
+
+    trunc = tmp / "trunc.npz"
+    trunc.write_bytes(good.read_bytes()[:200])
+    empty = tmp / "empty.npz"
+    empty.write_bytes(b"")
+    return [
+        ("missing weight", write("a.npz", {k: v for k, v in z.items() if k != "layer1.w"}),
+         "parameters"),
+        ("wrong weight shape", write("b.npz", {**z, "layer1.w": np.zeros((5, 5), np.float32)}),
+         "shape"),
+        ("NaN weight", write("c.npz", {**z, "layer1.w": np.full(z["layer1.w"].shape, np.nan,
+                                                               np.float32)}), "NaN"),
+        ("integer weight", write("d.npz", {**z, "layer1.w": z["layer1.w"].astype(np.int32)}),
+         "dtype"),
+        ("unknown layer", with_meta("e.npz", lambda m: m["model"].update(
+            layers=[{"type": "warp"}])), "layer"),
+        ("negative input shape", with_meta("f.npz", lambda m: m["model"].update(
+            input_shape=[-1, 28, 28])), "input_shape"),
+        ("stray array", write("g.npz", {**z, "evil": np.zeros(3)}), "evil"),
+        ("description not JSON", write("h.npz", {**z, "__advkern__": np.array("{not json")}),
+         "JSON"),
+        ("description a list", write("i.npz", {**z, "__advkern__": np.array("[1, 2]")}),
+         "format"),
+        ("truncated zip", trunc, "corrupt"),
+        ("empty file", empty, "not an .npz"),
+    ]
+
+
+def test_every_defective_model_file_is_a_model_file_error_and_one_cli_line(tmp_path, capsys):
+    cases = _file_cases(tmp_path)
+    assert len(cases) == 11
+    for name, path, fragment in cases:
+        before = path.read_bytes()
+        with pytest.raises(ModelFileError) as e:
+            advkern.load(path)
+        assert str(path) in str(e.value) and fragment.lower() in str(e.value).lower(), \
+            (name, str(e.value))
+        one_error_line(capsys, ["info", path], str(path))
+        assert path.read_bytes() == before, name
+
+
+def _data_file(tmp, name, **arrays):
+    p = tmp / name
+    np.savez(p, **arrays)
+    return p
+
+
+DATA_CASES = [
+    ("x of the wrong image shape", dict(x=np.zeros((4, 1, 27, 27), np.float32),
+                                        y=np.zeros(4, np.int64)), "shape"),
+    ("y shorter than x", dict(x=np.zeros((4, 1, 28, 28), np.float32), y=np.zeros(3, np.int64)),
+     "shape"),
+    ("label out of range", dict(x=np.zeros((4, 1, 28, 28), np.float32),
+                                y=np.array([0, 1, 2, 10])), "range"),
+    ("NaN pixel", dict(x=np.full((4, 1, 28, 28), np.nan, np.float32), y=np.zeros(4, np.int64)),
+     "NaN"),
+    ("pixels outside the box", dict(x=np.full((4, 1, 28, 28), 2.0, np.float32),
+                                    y=np.zeros(4, np.int64)), "box"),
+    ("int16 pixels", dict(x=np.zeros((4, 1, 28, 28), np.int16), y=np.zeros(4, np.int64)),
+     "float"),
+    ("no labels", dict(x=np.zeros((4, 1, 28, 28), np.float32)), "'y'"),
+    ("fractional labels", dict(x=np.zeros((4, 1, 28, 28), np.float32),
+                               y=np.array([0.5, 1, 2, 3])), "integer"),
+]
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_cli_bad_data_files(case, files, capsys, tmp_path):
+    # (checked by run_attack's validation, the first thing it does)
+    _, arrays, fragment = case
+    p = _data_file(tmp_path, "data.npz", **arrays)
+    before = p.read_bytes()
+    one_error_line(capsys, ["attack", "--model", files["model"], "--attack", "fgsm", "--data", p],
+                   fragment)
+    assert p.read_bytes() == before
+
+
+MORE_CLI = [
+    ("--n 0", lambda f: ["attack", "--model", f["model"], "--attack", "fgsm", "--n", 0], "--n"),
+    ("--n -1", lambda f: ["attack", "--model", f["model"], "--attack", "fgsm", "--n", -1], "--n"),
+    ("--n beyond the data", lambda f: ["attack", "--model", f["model"], "--attack", "fgsm",
+                                       "--n", 10 ** 6], "exceeds"),
+    ("--target 99", lambda f: ["attack", "--model", f["model"], "--attack", "fgsm",
+                               "--targeted", "--target", 99], "target"),
+    ("--target abc", lambda f: ["attack", "--model", f["model"], "--attack", "fgsm",
+                                "--targeted", "--target", "abc"], "--target"),
+    ("verify candidate without x_adv", lambda f: ["verify", "--model", f["model"], "--attack",
+                                                  "fgsm", "--candidate", f["model"]], "x_adv"),
+    ("ADVKERN_BACKEND unknown", lambda f: ["attack", "--model", f["model"], "--attack",
+                                           "fgsm", "--n", 2], "unknown backend"),
+    ("deepfool --norm 1", lambda f: ["attack", "--model", f["model"], "--attack", "deepfool",
+                                     "--norm", 1, "--n", 2], "norm"),
+    ("cw --kappa -1", lambda f: ["attack", "--model", f["model"], "--attack", "cw",
+                                 "--kappa", -1, "--n", 2], "kappa"),
+]
+
+
+@pytest.mark.parametrize("case", MORE_CLI, ids=[c[0] for c in MORE_CLI])
+def test_more_cli_bad_input(case, files, capsys, monkeypatch, tmp_path):
+    name, argv, fragment = case
+    if name.startswith("ADVKERN_BACKEND"):
+        monkeypatch.setenv("ADVKERN_BACKEND", "tpu")
+    one_error_line(capsys, argv(files), fragment)
+
+
+def test_the_suite_has_200_kinds():
+    kinds = (len(API_CASES) + len(CLI_CASES) + len(PARAM_CASES) + 11 + len(DATA_CASES)
+             + len(MORE_CLI) + 6)
+    assert kinds >= 200, kinds

@@ -79,7 +79,8 @@ def load(path):
     for key, a in files.items():
         layer, _, name = key.partition(".")
         if not layer.startswith("layer") or not layer[5:].isdigit() or int(layer[5:]) >= n:
-            raise ModelFileError(f"{path}: unexpected array {key!r}")
+            raise ModelFileError(f"{path}: array {key!r} belongs to no layer of the model "
+                                 f"description ({n} layer(s))")
         params[int(layer[5:])][name] = a
     try:
         return Sequential.from_config(cfg, params)
