@@ -132,12 +132,26 @@ def init_population(rng, popsize, lower, upper):
     return np.clip((lo64 + u * (up64 - lo64)).astype(lower.dtype), lower, upper)
 
 
+def _ascending(excluded):
+    """The excluded index arrays in ascending order, elementwise (a sorting network for the
+    one to three of DE/rand/1: np.sort over a stacked axis of length 2-3 costs ~10x more)."""
+    ex = np.broadcast_arrays(*excluded)
+    if len(ex) == 1:
+        return ex
+    if len(ex) == 2:
+        return [np.minimum(*ex), np.maximum(*ex)]
+    if len(ex) == 3:
+        a, b, c = ex
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        return [np.minimum(lo, c), np.maximum(lo, np.minimum(hi, c)), np.maximum(hi, c)]
+    return list(np.moveaxis(np.sort(np.stack(ex, axis=-1), axis=-1), -1, 0))
+
+
 def _skip(v, excluded):
     # v uniform on [0, P - m); stepping past the m excluded indices in ascending order maps it
     # uniformly onto {0 .. P-1} minus the excluded set. Any leading shape (per row, last axis).
-    ex = np.sort(np.stack(np.broadcast_arrays(*excluded), axis=-1), axis=-1)
-    for j in range(ex.shape[-1]):
-        v = v + (v >= ex[..., j])
+    for e in _ascending(excluded):
+        v = v + (v >= e)
     return v
 
 
