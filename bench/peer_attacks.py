@@ -110,7 +110,7 @@ def markdown(rows, meta, stamp):
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['attack']} | {r['ms_per_image']:.2f} | "
-            f"{r['torchattacks_ms_per_image']:.2f} | {r['speedup']:.0f} | "
+            f"{r['torchattacks_ms_per_image']:.2f} | {r['speedup']:.2g} | "
             f"{r['success']:.0%} / {r['median_l2']:.3f} ({r['images']} img) | "
             f"{r['torchattacks_success']:.0%} / {r['torchattacks_median_l2']:.3f} "
             f"(ours {r['success_same_images']:.0%} / {r['median_l2_same_images']:.3f}, "
