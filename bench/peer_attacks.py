@@ -94,7 +94,7 @@ def run(n=100, n_peer=20, repeats=2, backend="auto"):
                   f"(success {ours[0]:.0%}, median L2 {ours[1]:.3f})   torchattacks "
                   f"{row['torchattacks_ms_per_image']:9.2f} ms/img (success {theirs[0]:.0%}, "
                   f"median L2 {theirs[1]:.3f} on {n_peer}; ours there {ours_p[0]:.0%}, "
-                  f"{ours_p[1]:.3f})   x{row['speedup']:.0f}", flush=True)
+                  f"{ours_p[1]:.3f})   x{row['speedup']:.2g}", flush=True)
     return rows, {"torch": torch.__version__, "torchattacks": torchattacks.__version__,
                   "threads": torch_pgd.THREADS}
 
