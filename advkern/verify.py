@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import AdvkernError, ShapeError
 from .reference import network
+from .reference.gradient_attacks import momentum_update
 from .reference.projections import project
 
 
@@ -100,7 +101,6 @@ def _tie_masks(model, x, y, attack, kw, tie_rtol, cand_dtype=np.float64):
         _, g64 = network.loss_and_input_grad(m64, x64, labels, loss)
         g64 = g64.reshape(n, -1)
         if mom is not None:
-            from .reference.gradient_attacks import momentum_update
             mom["g"] = momentum_update(sign * g.reshape(n, -1), mom["g"], decay)
             mom["g64"] = momentum_update(sign * g64, mom["g64"], decay)
             g = (sign * mom["g"]).reshape(g.shape).astype(g.dtype)

@@ -74,7 +74,9 @@ Differential evolution (the draws come from the engine; the arithmetic is the ba
         equal full scoring to float tolerance.
 """
 
-from ..errors import AdvkernError
+import numpy as np
+
+from ..errors import AdvkernError, ShapeError
 
 PRIMITIVES = (
     "to_device", "to_host", "prepare", "logits", "loss_grad", "jacobian", "param_grads",
@@ -96,6 +98,36 @@ def composed_pgd_step(be, net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, a
     if norm == "l1":
         return step(xa, g, x0, eps, alpha, lo, hi, active, sparsity)
     return step(xa, g, x0, eps, alpha, lo, hi, active)
+
+
+def check_step_arrays(xa, g, x0, active, asarray):
+    """The step primitives' array checks, one wording for every backend: xa, g and x0 are
+    float32/float64 arrays with a batch axis, of one shape and one dtype; active is (N,).
+    g None: not given yet (it is then not checked). asarray(a, name): the backend's
+    conversion of an argument to its array type. Returns (xa, g, x0, active) converted."""
+    named = [(xa, "xa"), (x0, "x0")] + ([(g, "g")] if g is not None else [])
+    arrays = []
+    for a, name in named:
+        a = asarray(a, name)
+        if a.dtype not in (np.float32, np.float64):
+            raise AdvkernError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+        if a.ndim < 1:
+            raise ShapeError(f"{name} must have a batch axis (N, ...), got a scalar")
+        arrays.append(a)
+    xa, x0 = arrays[:2]
+    g = arrays[2] if g is not None else None
+    gg = xa if g is None else g
+    if gg.shape != x0.shape or xa.shape != x0.shape:
+        raise ShapeError(f"xa, g and x0 must have one shape, got {tuple(xa.shape)}, "
+                         f"{tuple(gg.shape)} and {tuple(x0.shape)}")
+    if xa.dtype != x0.dtype or gg.dtype != x0.dtype:
+        raise AdvkernError(f"xa, g and x0 must share one dtype, got {xa.dtype}, {gg.dtype} "
+                           f"and {x0.dtype}")
+    act = asarray(active, "active")
+    n = x0.shape[0]
+    if act.shape != (n,):
+        raise ShapeError(f"active must have shape ({n},), got {tuple(act.shape)}")
+    return xa, g, x0, act
 
 
 def missing_primitives(backend):

@@ -25,7 +25,7 @@ import numpy as np
 from ...errors import AdvkernError, ShapeError
 from ...reference.projections import check_sparsity, per_sample_eps
 from ..._validate import check_box
-from ..contract import composed_pgd_step
+from ..contract import check_step_arrays, composed_pgd_step
 
 _ACTS = ("relu", "tanh", "sigmoid")
 # Bytes of scratch one chunk of rows may use (the H200 has 141 GB; chunks this size keep
@@ -64,8 +64,8 @@ class GpuNet:
         self.in_dim = int(np.prod(self.input_shape))
         self._variants = {dtype: self}
         self.stages = self._build()
-        # Largest activation of one row (elements): sizes the chunks.
-        self.row_elems = max(int(np.prod(s)) for s in self.shapes)
+        # Scratch elements one row needs over a pass (activations and im2col columns):
+        # sizes the chunks.
         self.row_scratch = sum(getattr(st, "cols", 0) + int(np.prod(st.out_shape))
                                for st in self.stages) + self.in_dim
 
@@ -209,11 +209,11 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ chunking
 
-    def _chunks(self, n, row_bytes, fn, start=None):
+    def _chunks(self, n, row_bytes, fn):
         """Call fn(a, b) over [0, n) in chunks of at most chunk_bytes of scratch; an
         out-of-memory error halves the chunk and retries it (nothing is lost: fn writes
         only its own rows)."""
-        size = start or max(1, int(self.chunk_bytes // max(row_bytes, 1)))
+        size = max(1, int(self.chunk_bytes // max(row_bytes, 1)))
         a = 0
         while a < n:
             b = min(n, a + size)
@@ -243,23 +243,11 @@ class GpuBackend:
         saved = [None] * len(net.stages)
         for i in range(start, len(net.stages)):
             st = net.stages[i]
-            if st.kind == "dense":
-                h2 = h.reshape(n, -1)
-                out = xp.matmul(h2, st.w)
-                ops.bias_act(out, st.b, 1, st.act)
+            if st.kind in ("dense", "conv"):
+                out, operand = self._linear(net, st, h, st.act)
                 if keep:
-                    saved[i] = (h2 if params else None, out)
-                h = out
-            elif st.kind == "conv":
-                c, hh, ww = st.in_shape
-                cols = xp.empty((n, st.w.shape[1], st.ho * st.wo), net.dtype)
-                ops.im2col(h.reshape(n, c, hh, ww), st.kh, st.kw, st.sh, st.sw, st.pt, st.pl,
-                           st.ho, st.wo, cols)
-                out = xp.matmul(st.w, cols)                    # (N, F, HO*WO)
-                ops.bias_act(out, st.b, st.ho * st.wo, st.act)
-                if keep:
-                    saved[i] = (cols if params else None, out)
-                h = out.reshape((n,) + st.out_shape)
+                    saved[i] = (operand if params else None, out)
+                h = out if st.kind == "dense" else out.reshape((n,) + st.out_shape)
             elif st.kind == "pool":
                 c, hh, ww = st.in_shape
                 _, ho, wo = st.out_shape
@@ -278,6 +266,25 @@ class GpuBackend:
             else:  # flatten
                 h = h.reshape((n,) + st.out_shape)
         return h.reshape(n, -1), saved
+
+    def _linear(self, net, st, h, act):
+        """A dense or conv stage on h: (output with bias and ``act`` applied, the GEMM's
+        input operand: the dense input (N, D) or the conv columns (N, C*KH*KW, HO*WO)).
+        Conv output (N, F, HO*WO), NCHW."""
+        xp, ops = self.xp, self.ops
+        n = h.shape[0]
+        if st.kind == "dense":
+            h2 = h.reshape(n, -1)
+            out = xp.matmul(h2, st.w)
+            ops.bias_act(out, st.b, 1, act)
+            return out, h2
+        c, hh, ww = st.in_shape
+        cols = xp.empty((n, st.w.shape[1], st.ho * st.wo), net.dtype)
+        ops.im2col(h.reshape(n, c, hh, ww), st.kh, st.kw, st.sh, st.sw, st.pt, st.pl, st.ho,
+                   st.wo, cols)
+        out = xp.matmul(st.w, cols)
+        ops.bias_act(out, st.b, st.ho * st.wo, act)
+        return out, cols
 
     def _backward(self, net, d, saved, need_dx=True, grads=None, stop=0):
         """d (N, K) -> dx (N, D) (None when not need_dx); grads: a list to fill with the
@@ -447,28 +454,10 @@ class GpuBackend:
 
     def _step_args(self, xa, g, x0, eps, alpha, lo, hi, active, kind):
         xp = self.xp
-        arrays = []
-        for a, name in ((xa, "xa"), (x0, "x0"), (g, "g")):
-            a = xp.asarray(a)
-            if a.dtype not in (np.float32, np.float64):
-                raise AdvkernError(f"{name} must be a float32 or float64 array, got dtype "
-                                   f"{a.dtype}")
-            if a.ndim < 1:
-                raise ShapeError(f"{name} must have a batch axis (N, ...), got a scalar")
-            arrays.append(a)
-        xa, x0, g = arrays
-        if g.shape != x0.shape or xa.shape != x0.shape:
-            raise ShapeError(f"xa, g and x0 must have one shape, got {tuple(xa.shape)}, "
-                             f"{tuple(g.shape)} and {tuple(x0.shape)}")
+        xa, g, x0, act = check_step_arrays(xa, g, x0, active, lambda a, name: xp.asarray(a))
         dt = x0.dtype
-        if xa.dtype != dt or g.dtype != dt:
-            raise AdvkernError(f"xa, g and x0 must share one dtype, got {xa.dtype}, {g.dtype} "
-                               f"and {x0.dtype}")
         n = x0.shape[0]
         d = int(np.prod(x0.shape[1:], dtype=np.int64))
-        act = xp.asarray(active)
-        if act.shape != (n,):
-            raise ShapeError(f"active must have shape ({n},), got {tuple(act.shape)}")
         # L-inf steps round eps and alpha to the array dtype (the reference's clip bounds
         # x0 +- eps are in it); the L2 / L1 steps use them in float64, as the reference does.
         pdt = dt if kind == "linf" else np.dtype(np.float64)
@@ -491,21 +480,20 @@ class GpuBackend:
             return xp.ascontiguousarray(v, dtype=dt)
         return xp.asarray(per_sample_eps(v, n, name=name).astype(dt))
 
-    def linf_step(self, xa, g, x0, eps, alpha, lo, hi, active):
+    def _fused_step(self, kind, xa, g, x0, eps, alpha, lo, hi, active):
+        """The one-kernel steps: ops.linf_step / ops.l2_step on the checked arguments."""
         xa, g, x0, e, a, lo, hi, act, shape = self._step_args(xa, g, x0, eps, alpha, lo, hi,
-                                                              active, "linf")
+                                                              active, kind)
         out = self.xp.empty_like(xa)
         if out.size:
-            self.ops.linf_step(xa, g, x0, e, a, lo, hi, act, out)
+            getattr(self.ops, f"{kind}_step")(xa, g, x0, e, a, lo, hi, act, out)
         return out.reshape(shape)
 
+    def linf_step(self, xa, g, x0, eps, alpha, lo, hi, active):
+        return self._fused_step("linf", xa, g, x0, eps, alpha, lo, hi, active)
+
     def l2_step(self, xa, g, x0, eps, alpha, lo, hi, active):
-        xa, g, x0, e, a, lo, hi, act, shape = self._step_args(xa, g, x0, eps, alpha, lo, hi,
-                                                              active, "l2")
-        out = self.xp.empty_like(xa)
-        if out.size:
-            self.ops.l2_step(xa, g, x0, e, a, lo, hi, act, out)
-        return out.reshape(shape)
+        return self._fused_step("l2", xa, g, x0, eps, alpha, lo, hi, active)
 
     def l1_step(self, xa, g, x0, eps, alpha, lo, hi, active, sparsity):
         """SLIDE's sparse step, then Duchi's exact L1 projection, then the box: written with
@@ -653,15 +641,11 @@ class GpuBackend:
             base = self._first_preact(net, first, x)
         ff, pf = fit.reshape(-1), pred.reshape(-1)
         yy = xp.repeat(y, p)
-        rows_per_img = p
 
-        def work(a, b):
-            # a, b: candidate rows (image-major), whole images only
-            i0, i1 = a // rows_per_img, -(-b // rows_per_img)
+        def work(i0, i1):              # images i0:i1, i.e. candidate rows i0*P:i1*P
             cand = pop[i0:i1]
-            m = (i1 - i0) * p
             if first is not None:
-                h = self._patched(net, first, base[i0:i1], x[i0:i1], cand, m)
+                h = self._patched(net, first, base[i0:i1], x[i0:i1], cand, (i1 - i0) * p)
                 z, _ = self._forward(net, h, start=start)
             else:
                 z, _ = self._forward(net, self._apply_candidates(x[i0:i1], cand))
@@ -669,16 +653,8 @@ class GpuBackend:
             ff[i0 * p:i1 * p] = v if targeted else -v
             pf[i0 * p:i1 * p] = self._predict(z)
 
-        per_img = self._row_bytes(net) * p
-        self._chunks_images(n, per_img, work, p)
+        self._chunks(n, self._row_bytes(net) * p, work)
         return fit, pred
-
-    def _chunks_images(self, n, per_img, work, p):
-        size = max(1, int(self.chunk_bytes // max(per_img, 1)))
-
-        def fn(a, b):
-            work(a * p, b * p)
-        self._chunks(n, per_img, fn, start=size)
 
     def _predict(self, z):
         xp = self.xp
@@ -699,19 +675,10 @@ class GpuBackend:
         return None, 0
 
     def _first_preact(self, net, i, x):
-        xp, ops = self.xp, self.ops
+        """The first stage's pre-activation (bias added, no activation) on the clean x."""
         st = net.stages[i]
-        n = len(x)
-        if st.kind == "dense":
-            base = xp.matmul(x.reshape(n, -1), st.w)
-            ops.bias_act(base, st.b, 1, "none")
-            return base
-        c, hh, ww = st.in_shape
-        cols = xp.empty((n, st.w.shape[1], st.ho * st.wo), net.dtype)
-        ops.im2col(x, st.kh, st.kw, st.sh, st.sw, st.pt, st.pl, st.ho, st.wo, cols)
-        base = xp.matmul(st.w, cols)
-        ops.bias_act(base, st.b, st.ho * st.wo, "none")
-        return base.reshape((n,) + st.out_shape)
+        base, _ = self._linear(net, st, x, "none")
+        return base if st.kind == "dense" else base.reshape((len(x),) + st.out_shape)
 
     def _patched(self, net, i, base, x, cand, m):
         """The first stage's output (activation applied) on m = len(x) * P candidates."""

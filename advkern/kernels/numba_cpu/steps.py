@@ -34,6 +34,7 @@ from ..._validate import check_box, check_float_array
 from ...errors import AdvkernError, ShapeError
 from ...reference.jsma import _check_theta
 from ...reference.projections import check_sparsity, per_sample_eps
+from ..contract import check_step_arrays
 
 __all__ = ["linf_step", "l2_step", "l1_step", "jsma_best_pair", "jsma_best_feature"]
 
@@ -404,33 +405,20 @@ def step_args(xa, g, x0, eps, alpha, lo, hi, active):
     Returns (rows of xa, g (None if not given) and x0 as C-contiguous (n, D), eps and alpha
     float64 (n,), lo and hi in the dtype, active (n,) bool).
     """
-    named = [(xa, "xa"), (x0, "x0")] + ([(g, "g")] if g is not None else [])
-    arrays = []
-    for a, name in named:
-        a = check_float_array(a, name, finite=False)
-        if a.ndim < 1:
-            raise ShapeError(f"{name} must have a batch axis (N, ...), got a scalar")
-        arrays.append(a)
-    xa, x0 = arrays[:2]
-    g = arrays[2] if g is not None else xa
-    if g.shape != x0.shape or xa.shape != x0.shape:
-        raise ShapeError(f"xa, g and x0 must have one shape, got {xa.shape}, {g.shape} and "
-                         f"{x0.shape}")
+    def as_array(a, name):
+        return np.asarray(a) if name == "active" else check_float_array(a, name, finite=False)
+
+    xa, g_arr, x0, active = check_step_arrays(xa, g, x0, active, as_array)
     dt = x0.dtype
-    if xa.dtype != dt or g.dtype != dt:
-        raise AdvkernError(f"xa, g and x0 must share one dtype, got {xa.dtype}, {g.dtype} and "
-                           f"{x0.dtype}")
+    g = g_arr if g is not None else xa
     n = x0.shape[0]
     d = int(np.prod(x0.shape[1:], dtype=np.int64))
-    active = np.asarray(active)
-    if active.shape != (n,):
-        raise ShapeError(f"active must have shape ({n},), got {active.shape}")
     # float64 (n,), finite and >= 0, or raise (floats broadcast): the reference's reading
     e = per_sample_eps(eps, n)
     a = per_sample_eps(alpha, n, name="alpha")
     lo, hi = check_box((lo, hi))
     xa2, g2, x02 = (np.ascontiguousarray(v.reshape(n, d)) for v in (xa, g, x0))
-    return (xa2, g2 if arrays[2:] else None, x02, e, a, dt.type(lo), dt.type(hi),
+    return (xa2, g2 if g_arr is not None else None, x02, e, a, dt.type(lo), dt.type(hi),
             np.ascontiguousarray(active, dtype=bool))
 
 

@@ -439,6 +439,26 @@ def _caster(dt):
     return numba.float32 if dt == np.float32 else numba.float64
 
 
+@cuda.jit(device=True)
+def _block_reduce(sh, t, tpb, v, take_max):
+    """The block's max (take_max) or sum of the threads' v, through the shared array sh
+    (tpb float64, tpb a power of two); every thread gets the result."""
+    sh[t] = v
+    cuda.syncthreads()
+    s = tpb // 2
+    while s > 0:
+        if t < s:
+            if take_max:
+                sh[t] = max(sh[t], sh[t + s])
+            else:
+                sh[t] += sh[t + s]
+        cuda.syncthreads()
+        s //= 2
+    r = sh[0]
+    cuda.syncthreads()          # sh is reused by the next reduction
+    return r
+
+
 def _make_l2(dt):
     cast = _caster(dt)
     tpb = _TPB_RED
@@ -457,62 +477,27 @@ def _make_l2(dt):
         m = 0.0
         for i in range(t, d, tpb):
             m = max(m, abs(np.float64(g[n, i])))
-        sh[t] = m
-        cuda.syncthreads()
-        s = tpb // 2
-        while s > 0:
-            if t < s:
-                sh[t] = max(sh[t], sh[t + s])
-            cuda.syncthreads()
-            s //= 2
-        mg = sh[0]
-        cuda.syncthreads()
+        mg = _block_reduce(sh, t, tpb, m, True)
         acc = 0.0
         if mg > 0:
             for i in range(t, d, tpb):
                 q = np.float64(g[n, i]) / mg
                 acc += q * q
-        sh[t] = acc
-        cuda.syncthreads()
-        s = tpb // 2
-        while s > 0:
-            if t < s:
-                sh[t] += sh[t + s]
-            cuda.syncthreads()
-            s //= 2
-        norm_g = mg * math.sqrt(sh[0])
-        cuda.syncthreads()
+        norm_g = mg * math.sqrt(_block_reduce(sh, t, tpb, acc, False))
         scale = np.float64(alpha[n]) / norm_g if norm_g > 0 else 0.0
         # delta = (xa + step) - x0 in dt; its norm the same way
         m = 0.0
         for i in range(t, d, tpb):
             new = xa[n, i] + cast(np.float64(g[n, i]) * scale)
             m = max(m, abs(np.float64(new - x0[n, i])))
-        sh[t] = m
-        cuda.syncthreads()
-        s = tpb // 2
-        while s > 0:
-            if t < s:
-                sh[t] = max(sh[t], sh[t + s])
-            cuda.syncthreads()
-            s //= 2
-        md = sh[0]
-        cuda.syncthreads()
+        md = _block_reduce(sh, t, tpb, m, True)
         acc = 0.0
         if md > 0:
             for i in range(t, d, tpb):
                 new = xa[n, i] + cast(np.float64(g[n, i]) * scale)
                 q = np.float64(new - x0[n, i]) / md
                 acc += q * q
-        sh[t] = acc
-        cuda.syncthreads()
-        s = tpb // 2
-        while s > 0:
-            if t < s:
-                sh[t] += sh[t + s]
-            cuda.syncthreads()
-            s //= 2
-        norm_d = md * math.sqrt(sh[0])
+        norm_d = md * math.sqrt(_block_reduce(sh, t, tpb, acc, False))
         e = np.float64(eps[n])
         factor = e / norm_d if norm_d > e else 1.0
         for i in range(t, d, tpb):
