@@ -447,6 +447,31 @@ def cmd_bench(args):
     return run.main(args.args)
 
 
+def cmd_experiment(args):
+    import json
+
+    from . import experiments
+
+    mod = experiments.get(args.name)
+    out = None if args.no_report else (args.out or os.path.join("advkern-report", args.name))
+    res = mod.run(models=args.model, out=out, backend=_backend_arg(args), quick=args.quick,
+                  seed=args.seed)
+    if args.json:
+        from .experiments._common import _json_default
+        print(json.dumps(res, default=_json_default))
+        return 0
+    rows = [(t["name"], t["measured"], t["target"],
+             "-" if t["pass"] is None else ("pass" if t["pass"] else "FAIL"))
+            for t in res["targets"]]
+    print(_table(["figure", "measured", "target", "verdict"], rows))
+    with_t = [t for t in res["targets"] if t["pass"] is not None]
+    print(f"\n{sum(t['pass'] for t in with_t)} of {len(with_t)} targets met; "
+          f"{res['seconds']:.0f} s on the {res['backend']} backend")
+    if out is not None:
+        print(f"wrote {out}/results.json and {len(res['figures'])} pictures")
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -582,6 +607,22 @@ def build_parser():
                             "advkern bench --help)")
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("experiment", help="the seeds' other experiments: "
+                       "vae-detect, distillation, fooling, representation, transfer, linearity")
+    e.add_argument("name", metavar="NAME",
+                   help="vae-detect, distillation, fooling, representation, transfer, linearity")
+    e.add_argument("--model", nargs="+", metavar="MODEL",
+                   help="bundled architectures or model files (default: the experiment's)")
+    e.add_argument("--out", metavar="DIR",
+                   help="folder for results.json and the PNGs (default ./advkern-report/NAME)")
+    e.add_argument("--no-report", action="store_true", help="print the table only")
+    e.add_argument("--json", action="store_true", help="the results as one JSON object")
+    e.add_argument("--quick", action="store_true", help="the small version the demo runs")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--backend", default="auto",
+                   help="'auto' (default), 'reference' or a backend name")
+    e.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("demo", help="reproduce the seeds' headline results on bundled MNIST")
     d.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
