@@ -197,14 +197,15 @@ def deepfool(model, x, y, *, norm=2, overshoot=0.02, max_iter=50, candidates=10,
         if not live.size:
             break
         jac, z = be.jacobian(net, flat[live].reshape((-1,) + shape))
-        still = _predict(xp, z) == k0[live]
+        still = ~_df.crossed(z, k0[live], xp)
         live, z, jac = live[still], z[still], jac[still]
         if not live.size:
             break
         r, ok = _df.deepfool_step(z, jac, k0[live], cands[live], norm, xp)
         live, r = live[ok], r[ok]
-        r_tot[live] += r
-        flat[live] = xp.clip(x64[live] + (1 + overshoot) * r_tot[live], lo, hi).astype(dt)
+        new = xp.clip(x64[live] + (1 + overshoot) * (r_tot[live] + r), lo, hi)
+        r_tot[live] = (new - x64[live]) / (1 + overshoot)
+        flat[live] = new.astype(dt)
         iters[live] += 1
     pred = _predict(xp, be.logits(net, xa)) if n else xp.zeros(0, dtype=np.int64)
     info = {"success": be.to_host(pred != k0), "iterations": be.to_host(iters),

@@ -94,16 +94,15 @@ def test_mi_fgsm_eps_03_40_steps_leaves_no_accuracy(trained, test_split, name):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_deepfool_fools_and_cw_is_no_farther(trained, test_split, name):
-    """DeepFool misclassifies >= 98% of the clean-correct images (99% is the issue's target:
-    the cnn measured 98.9%, one image whose float32 x_adv sits on the boundary within the
-    2% overshoot); C&W (9 x 100) fools >= 99% with a median L2 within 2% of DeepFool's
-    (measured: cnn 4% below, mlp 1.4% above)."""
+    """DeepFool misclassifies >= 99% of the clean-correct images (measured 100% on both);
+    C&W (9 x 100) fools >= 99% with a median L2 within 2% of DeepFool's (the issue's target
+    is below it; measured: cnn below, mlp about 1% above)."""
     x, y = test_split
     m = trained(name)
     x, y = x[:100], y[:100]
     ok = m.predict(x) == y
     df = run_attack(m, x, y, "deepfool")
-    assert (df.info["success"] & ok).sum() >= 0.98 * ok.sum()
+    assert (df.info["success"] & ok).sum() >= 0.99 * ok.sum()
     cw = run_attack(m, x, y, "cw")
     assert (cw.info["success"] & ok).sum() >= 0.99 * ok.sum()
     both = df.info["success"] & cw.info["success"] & ok

@@ -14,12 +14,18 @@ boundary, as the authors' code does)
 
 The steps accumulate in r_tot and the iterate is x_{i+1} = clip(x + (1 + overshoot) r_tot,
 lo, hi) (the overshoot pushes it across the true, curved boundary). Per image the loop stops
-as soon as the prediction leaves k0, or after max_iter steps.
+as soon as the prediction leaves k0 by more than float rounding (``crossed``), or after
+max_iter steps.
 
-Box constraint: the iterate is clipped to [lo, hi] at every step and the next linearisation
-is taken AT the clipped point, so a step the box cuts short is followed by another from where
-the image really is; the result is always in the box, and ``info['success']`` reports whether
-it is adversarial (no image is reported fooled that is not).
+Box constraint: the iterate is clipped to [lo, hi] at every step, r_tot is then set to the
+displacement actually made ((x_{i+1} - x) / (1 + overshoot)), and the next linearisation is
+taken AT the clipped point. Without the reset, the parts of the steps the box cut off stay
+in r_tot and later steps must first cancel them before the features they sit on move again
+(foolbox and the authors' code accumulate them): on the bundled cnn that left one of the
+first 100 test images unfooled after 50 iterations (98.9% success; with the reset 100%, and
+the median L2 0.1% smaller on both bundled models). The result is always in the box, and
+``info['success']`` reports whether it is adversarial (no image is reported fooled that is
+not).
 
 Candidates: with ``candidates=c`` only the c classes with the largest logits at x (k0
 included) are considered, fixed per image at the start (as in foolbox); None: all K. Each
@@ -62,6 +68,21 @@ def candidate_classes(z, c, xp=np):
     z2 = xp.concatenate([xp.zeros_like(z), z], axis=1) if z.shape[1] == 1 else z
     return xp.argsort(-z2, axis=1, kind="stable")[:, :c].astype(np.int64) if xp is np else \
         xp.argsort(-z2, axis=1)[:, :c].astype(np.int64)
+
+
+def crossed(z, k0, xp=np):
+    """(N,) bool: the point has left class k0 with a margin a float computation of the logits
+    z (N, K) cannot undo: max_{j != k0} z_j - z_k0 > 32 eps |z|_max (eps of z's dtype).
+    Stopping at the first point where argmax leaves k0 would leave float32 images on a
+    near-tie (measured: 3e-6 apart on the bundled cnn) that another summation order, e.g.
+    the evaluation's forward pass, reads as still k0; the loop goes on for one more step."""
+    if z.shape[1] == 1:
+        z = xp.concatenate([xp.zeros_like(z), z], axis=1)
+    rows = xp.arange(len(z))
+    zk = z[rows, k0]
+    other = xp.where(xp.arange(z.shape[1])[None, :] == k0[:, None], -xp.inf, z).max(axis=1)
+    tol = 32 * np.finfo(z.dtype).eps * xp.abs(z).max(axis=1)
+    return other - zk > tol
 
 
 def deepfool_step(z, jac, k0, cands, norm, xp=np):
@@ -116,15 +137,15 @@ def deepfool(model, x, y, *, norm=2, overshoot=0.02, max_iter=50, candidates=10,
             break
         xl = xa[live]
         z = network.forward(model, xl)[0]
-        still = predict(z) == k0[live]
+        still = ~crossed(z, k0[live])
         live, xl, z = live[still], xl[still], z[still]
         if not live.size:
             break
         jac = network.jacobian(model, xl)
         r, ok = deepfool_step(z, jac, k0[live], cands[live], norm)
         live, r = live[ok], r[ok]
-        r_tot[live] += r
-        new = np.clip(x64[live] + (1 + overshoot) * r_tot[live], lo, hi)
+        new = np.clip(x64[live] + (1 + overshoot) * (r_tot[live] + r), lo, hi)
+        r_tot[live] = (new - x64[live]) / (1 + overshoot)
         xa[live] = new.reshape((len(live),) + shape[1:]).astype(x.dtype)
         iters[live] += 1
     pred = predict(network.forward(model, xa)[0]) if n else np.zeros(0, np.int64)
