@@ -12,7 +12,8 @@ from .nets import Sequential, build, load, load_model, save  # noqa: E402
 
 
 def pretrained(name, seed=0, **train_kw):
-    """A bundled model ('mlp', 'cnn', 'logreg') trained on the bundled MNIST split: trained on
+    """A bundled model ('mlp', 'cnn', 'logreg', 'softmax', 'maxout', 'rbf'; see
+    ``advkern.nets.architectures``) trained on the bundled MNIST split: trained on
     first use (one progress line on stderr says what and where) and cached under
     ``$ADVKERN_CACHE`` (default ``~/.cache/advkern``). See ``advkern.nets.zoo.pretrained``."""
     from .nets.zoo import pretrained as _pretrained

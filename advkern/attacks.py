@@ -261,6 +261,15 @@ def _split_metrics(m, d):
     return scalars, per
 
 
+def metrics_from_info(info, y, d):
+    """``AttackRun.metrics`` from an AttackRun's per-image ``info`` (N,) arrays and the labels
+    y (N,); d: the input features per image. Equals the metrics ``run_attack`` computes from
+    x and x_adv (``advkern.distributed`` summarises gathered chunks with it)."""
+    m = _metrics.summarize(y, info["pred"], info["pred_adv"], info["success"],
+                           {k: info[k] for k in ("l0", "l1", "l2", "linf")})
+    return _split_metrics(m, d)[0]
+
+
 def run_attack(model, x, y, attack, *, seed=0, progress=False, backend="auto", **params):
     """Run a reference attack by name on (x, y) and evaluate it.
 

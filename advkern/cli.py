@@ -59,6 +59,16 @@ def cmd_train(args):
         _writable_file(args.out)
     xtr, ytr = load_mnist("train")
     xte, yte = load_mnist("test")
+    classes = None
+    if getattr(args, "classes", None):
+        from .nets.datasets import select_classes
+        try:
+            classes = [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise AdvkernError(f"--classes must be digits separated by commas (e.g. 3,7), "
+                               f"got {args.classes!r}") from None
+        xtr, ytr = select_classes(xtr, ytr, classes)
+        xte, yte = select_classes(xte, yte, classes)
     rows = []
     for name in args.arch:
         recipe = dict(architectures.RECIPES.get(name, {}))
@@ -68,10 +78,11 @@ def cmd_train(args):
         adv = {} if args.adversarial is None else {"adversarial": args.adversarial, "eps": args.eps}
         t0 = time.perf_counter()
         backend = _backend_arg(args)
-        model, hist = train(build(name, seed=args.seed), xtr, ytr, seed=args.seed,
+        arch = build(name, seed=args.seed, num_classes=len(classes) if classes else 10,
+                     data=(xtr, ytr))
+        model, hist = train(arch, xtr, ytr, seed=args.seed,
                             progress=not args.quiet and None,
-                            backend=None if backend == "reference" else backend,
-                            **recipe, **adv)
+                            backend=backend, **recipe, **adv)
         secs = time.perf_counter() - t0
         out = args.out or (f"{args.out_dir.rstrip('/')}/{name}.npz" if args.out_dir else None)
         if out is None:
@@ -80,14 +91,16 @@ def cmd_train(args):
             from .nets import zoo
             key = {k: v for k, v in recipe.items()
                    if architectures.RECIPES.get(name, {}).get(k) != v}
-            if backend != "reference":
-                key["backend"] = backend
+            if classes:
+                key["classes"] = classes
             out = str(zoo.cache_path(name, args.seed, **key, **adv))
         save(model, out)
         rows.append((name + (f"+{args.adversarial}" if args.adversarial else ""),
                      recipe.get("epochs"), f"{100 * model.accuracy(xtr, ytr):.2f}%",
-                     f"{100 * model.accuracy(xte, yte):.2f}%", f"{secs:.1f}", out or "-"))
-    print(_table(["model", "epochs", "train acc", "test acc", "seconds", "saved to"], rows))
+                     f"{100 * model.accuracy(xte, yte):.2f}%", f"{secs:.1f}", backend,
+                     out or "-"))
+    print(_table(["model", "epochs", "train acc", "test acc", "seconds", "backend",
+                  "saved to"], rows))
     return 0
 
 
@@ -243,6 +256,8 @@ def cmd_attack(args):
 
     from .attacks import run_attack
 
+    if _on_cluster(args):
+        return _attack_on_cluster(args)
     if args.png:
         _need_matplotlib("--png")
     if args.out:
@@ -355,10 +370,14 @@ def cmd_verify(args):
         args.n = len(cand["x_adv"]) if args.n is None else args.n
         x, y = _data(args, model)
     kw = _attack_kwargs(args)
-    ours = run_attack(model, x.astype(cand["x_adv"].dtype, copy=False)
-                      if cand["x_adv"].dtype.kind == "f" else x, y, args.attack, seed=args.seed,
-                      progress=False, backend=_backend_arg(args), **kw)
-    report = compare(model, x, y, ours, cand["x_adv"], args.attack, kw, args.tie_rtol)
+    # a random start given with the candidate (x_start): verify replays the reference from it
+    x_start = cand.get("x_start")
+    ours = None if x_start is not None else \
+        run_attack(model, x.astype(cand["x_adv"].dtype, copy=False)
+                   if cand["x_adv"].dtype.kind == "f" else x, y, args.attack, seed=args.seed,
+                   progress=False, backend=_backend_arg(args), **kw)
+    report = compare(model, x, y, ours, cand["x_adv"], args.attack, kw, args.tie_rtol,
+                     x_start=x_start)
     if args.json:
         print(json.dumps(_json_safe(report), default=float))
         return 0 if report["summary"]["agree"] else 1
@@ -367,13 +386,17 @@ def cmd_verify(args):
     shown = ([r for r in imgs if r["n_diff"]] + [r for r in imgs if not r["n_diff"]])[:args.show]
     rows = [(r["index"], r["max_abs_diff"], f"{100 * r['frac_equal']:.2f}%", r["n_diff"],
              r["n_tie"] if r["n_tie"] is not None else "n/a") for r in shown]
-    print(_table(["image", "max |diff|", "pixels equal", "pixels differ", "of which sign ties"],
-                 rows))
     s = report["summary"]
+    l2 = s.get("tie_analysis") == "l2"
+    print(_table(["image", "max |diff|", "pixels equal", "pixels differ",
+                  "of which ties" if l2 else "of which sign ties"], rows))
     print(f"\n{s['images_identical']}/{s['n']} images identical; max |diff| {s['max_abs_diff']:.3g}; "
           f"{100 * s['frac_equal']:.3f}% of pixels equal; "
-          + (f"{s['diff_explained_by_ties']}/{s['n_diff']} differing pixels are gradient-sign ties"
-             if s["diff_explained_by_ties"] is not None else "tie analysis n/a for this attack"))
+          + (f"{s['diff_explained_by_ties']}/{s['n_diff']} differing pixels are "
+             + ("L2-step ties (float32 rounding bound, zero or saturated steps, ReLU kinks)"
+                if l2 else "gradient-sign ties")
+             if s["diff_explained_by_ties"] is not None
+             else s.get("tie_note") or "tie analysis n/a for this attack"))
     if s.get("ties_by_class") and s["n_diff"]:
         print("ties by class: " + ", ".join(f"{k} {v}" for k, v in s["ties_by_class"].items())
               + " (advkern.verify explains the classes)")
@@ -381,8 +404,6 @@ def cmd_verify(args):
 
 
 def cmd_sweep(args):
-    import numpy as np
-
     from .attacks import run_attack
 
     if args.png:
@@ -394,6 +415,8 @@ def cmd_sweep(args):
         raise AdvkernError(f"--eps must be comma-separated numbers, got {args.eps!r}") from None
     if not eps_list:
         raise AdvkernError("--eps needs at least one value")
+    if _on_cluster(args):
+        return _sweep_on_cluster(args, eps_list)
     model = _model(args.model)
     x, y = _data(args, model)
     kw = {"alpha": args.alpha, "steps": args.steps, "norm": args.norm} if args.attack == "pgd" else {}
@@ -411,16 +434,113 @@ def cmd_sweep(args):
         rows.append((f"{e:g}", f"{100 * acc:.2f}%"))
     print(_table(["eps", "accuracy"], rows))
     if args.png:
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(eps_list, 100 * np.array(accs), "o-")
-        ax.set_xlabel("eps")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{args.attack} on {args.model}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=100)
-        print(f"wrote {args.png}")
+        _sweep_png(args, eps_list, accs)
+    return 0
+
+
+def _sweep_png(args, eps_list, accs):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(eps_list, 100 * np.array(accs), "o-")
+    ax.set_xlabel("eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{args.attack} on {args.model}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=100)
+    print(f"wrote {args.png}")
+
+
+# -- attack / sweep on a Dask cluster (advkern.distributed) --------------------------------
+
+
+def _on_cluster(args):
+    """True with --scheduler; the cluster-only flags without it are an error."""
+    if getattr(args, "scheduler", None):
+        return True
+    for flag in ("out_dir", "resume", "chunk"):
+        if getattr(args, flag, None) not in (None, False):
+            raise AdvkernError(f"--{flag.replace('_', '-')} needs --scheduler")
+    return False
+
+
+def _cluster_data(args):
+    """--data for advkern.distributed: a split name, FILE.npz, or two files X,Y (.npy or
+    IDX); default the bundled test split. Only the workers read the images."""
+    spec = getattr(args, "data", None) or "test"
+    return tuple(spec.split(",", 1)) if "," in spec else spec
+
+
+def _cluster_kw(args):
+    from .distributed import DEFAULT_CHUNK
+
+    return {"client": args.scheduler, "chunk": DEFAULT_CHUNK if args.chunk is None else args.chunk, "seed": args.seed,
+            "out": args.out_dir, "resume": args.resume, "n": args.n, "keep_x_adv": False}
+
+
+def _attack_on_cluster(args):
+    """``advkern attack ... --scheduler``: the attack sharded over a Dask cluster; the same
+    report (and JSON) as one process, with each chunk written to --out-dir as it finishes."""
+    import json
+
+    from . import distributed
+
+    if args.out or args.png:
+        raise AdvkernError("--out and --png are for one process: with --scheduler the "
+                           "adversarial images and per-image results go, chunk by chunk, to "
+                           "--out-dir")
+    model = _model(args.model, args.json)
+    params = {k: v for k, v in _attack_kwargs(args).items() if v is not None}
+    run = distributed.evaluate(model, _cluster_data(args), args.attack, params,
+                               backend=args.backend or "auto",
+                               progress=False if args.json else None, **_cluster_kw(args))
+    m, n = run.metrics, run.metrics["n"]
+    if args.json:
+        print(json.dumps(_json_safe({"model": args.model, "params": run.params,
+                                     "metrics": _scalar_metrics(m), "seconds": run.seconds,
+                                     "scheduler": args.scheduler, "out_dir": args.out_dir}),
+                         default=str))
+        return 0
+    print(f"{args.attack} on {args.model} ({run.params['backend']} backend, Dask "
+          f"{args.scheduler}): {n} images, {run.seconds:.2f} s "
+          f"({1000 * run.seconds / max(n, 1):.2f} ms/image)")
+    print(_table(["clean acc", "adv acc", "success", "success | correct", "mean L0 (px)",
+                  "mean L2", "mean Linf"],
+                 [(_fmt(m["clean_accuracy"], True), _fmt(m["adversarial_accuracy"], True),
+                   _fmt(m["success_rate"], True), _fmt(m["success_rate_on_correct"], True),
+                   _fmt(m["mean_l0"]), _fmt(m["mean_l2"]), _fmt(m["mean_linf"]))]))
+    if args.out_dir:
+        print(f"wrote {args.out_dir} (manifest.json and one .npz per chunk)")
+    return 0
+
+
+def _sweep_on_cluster(args, eps_list):
+    """``advkern sweep ... --scheduler``: every eps one run of advkern.distributed.sweep
+    (the model shipped once, the images read once); eps 0 is the attack at eps 0 (x itself,
+    so the clean accuracy)."""
+    from . import distributed
+
+    if args.png:
+        _need_matplotlib("--png")
+    model = _model(args.model)
+    runs = []
+    for e in eps_list:
+        kw = {"eps": e}
+        if args.attack == "pgd":
+            kw.update(alpha=args.alpha if args.alpha is not None else max(e / 10, 1e-4),
+                      steps=args.steps, norm=args.norm)
+        runs.append((args.attack, kw))
+    res = distributed.sweep(model, _cluster_data(args), runs, progress=None,
+                            **_cluster_kw(args))
+    accs = [r.metrics["adversarial_accuracy"] for r in res]
+    print(_table(["eps", "accuracy"], [(f"{e:g}", f"{100 * a:.2f}%")
+                                       for e, a in zip(eps_list, accs)]))
+    if args.out_dir:
+        print(f"wrote {args.out_dir} (a folder per eps: manifest.json, one .npz per chunk)")
+    if args.png:
+        _sweep_png(args, eps_list, accs)
     return 0
 
 
@@ -476,7 +596,7 @@ def cmd_demo(args):
     from .demo import run_demo
 
     return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args),
-                    out=None if args.no_report else args.out)
+                    out=None if args.no_report else args.out, experiments=args.experiments)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -500,7 +620,7 @@ def build_parser():
 
     t = sub.add_parser("train", help="train bundled architectures on the bundled MNIST split")
     t.add_argument("--arch", nargs="+", default=["mlp", "cnn"], metavar="NAME",
-                   help="architectures: mlp, cnn, logreg (default: mlp cnn)")
+                   help="architectures: mlp, cnn, logreg, softmax, maxout, rbf (default: mlp cnn)")
     t.add_argument("--epochs", type=int, help="epochs (default: the architecture's recipe)")
     t.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     t.add_argument("--batch-size", type=int, help="minibatch size (default: 64)")
@@ -509,12 +629,15 @@ def build_parser():
                    help="adversarial training objective (FGSM mixed or PGD)")
     t.add_argument("--eps", type=float, default=0.1, help="adversarial training eps (0.1)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--classes", metavar="A,B", help="train on these digits only, relabelled "
+                   "0, 1, ... in the order given (logreg on two: binary logistic regression)")
     t.add_argument("--out", help="weight file to write (.npz), for one architecture "
                                  "(default: the model cache, where --model NAME finds it)")
     t.add_argument("--out-dir", help="folder to write NAME.npz files into")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--backend", default="reference",
-                   help="'reference' (default) or a backend for the gradients: numpy, numba_cpu")
+    t.add_argument("--backend", default="auto",
+                   help="where the gradients run: 'auto' (default: $ADVKERN_BACKEND or the "
+                        "fastest here), 'reference' (the NumPy specification) or a backend")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="layers, shapes and parameter counts of a model file")
@@ -561,6 +684,20 @@ def build_parser():
                             "else numba_cpu), 'reference' (the NumPy specification) or a "
                             "backend: numpy, numba_cpu, cupy, numba_cuda")
 
+    def cluster_flags(c):
+        c.add_argument("--scheduler", metavar="SPEC",
+                       help="shard the images over a Dask cluster: local:N (N worker "
+                            "processes here) or a scheduler address tcp://host:port; "
+                            "--data may then also be X.npy,Y.npy or an IDX pair "
+                            "IMAGES,LABELS (needs advkern[dask])")
+        c.add_argument("--out-dir", metavar="DIR",
+                       help="with --scheduler: write manifest.json and each chunk's .npz "
+                            "here as it finishes")
+        c.add_argument("--resume", action="store_true",
+                       help="with --scheduler: finish the run in --out-dir (skip the chunks "
+                            "already there)")
+        c.add_argument("--chunk", type=int, help="with --scheduler: images per task (250)")
+
     ATTACK_CHOICES = ["fgsm", "fgm", "bim", "pgd", "mifgsm", "deepfool", "cw", "lbfgs",
                       "jsma", "jsma1", "pixel", "linear"]
     a = sub.add_parser("attack", help="run an attack on the bundled test split and report")
@@ -569,6 +706,7 @@ def build_parser():
                                  "params to this .npz")
     a.add_argument("--png", metavar="DIR", help="write a panel per image (needs matplotlib)")
     a.add_argument("--png-max", type=int, default=16, help="at most this many panels (16)")
+    cluster_flags(a)
     a.set_defaults(func=cmd_attack)
 
     g = sub.add_parser("grad", help="logits, loss input-gradients and logit Jacobians")
@@ -583,7 +721,8 @@ def build_parser():
     v = sub.add_parser("verify", help="compare another implementation's x_adv with ours")
     attack_flags(v)
     v.add_argument("--candidate", required=True,
-                   help=".npz with x_adv (and x, y; else the first len(x_adv) test images)")
+                   help=".npz with x_adv (and x, y; else the first len(x_adv) test images; "
+                        "for --random-start pgd optionally x_start, the start it drew)")
     v.add_argument("--tie-rtol", type=float, default=1e-4,
                    help="|grad| <= tie_rtol * max|grad| counts as a sign tie (1e-4)")
     v.add_argument("--show", type=int, default=20, help="images listed (20)")
@@ -600,6 +739,7 @@ def build_parser():
     w.add_argument("--data")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--png", metavar="FILE")
+    cluster_flags(w)
     w.set_defaults(func=cmd_sweep)
 
     b = sub.add_parser("bench", add_help=False, prefix_chars="+",
@@ -630,6 +770,10 @@ def build_parser():
                    help="report folder: results.json, report.md, PNG pictures "
                         "(default ./advkern-report)")
     d.add_argument("--no-report", action="store_true", help="print the table only")
+    d.add_argument("--experiments", default="all", metavar="NAMES",
+                   help="the seeds' other experiments to run in their quick form after the "
+                        "attacks: 'all' (default), 'none', or names separated by commas "
+                        "(see advkern experiment)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", default="auto",
                    help="'auto' (default: $ADVKERN_BACKEND or the fastest here: a GPU backend, "

@@ -209,6 +209,8 @@ def _markdown(res):
         "| experiment | model | measured | target | verdict | seconds |",
         "|---|---|---|---|---|---|"]
     for r in res["results"]:
+        if r.get("group"):
+            continue
         lines.append(f"| {r['experiment']} | {r['model']} | {r['measured']} | {r['target']} | "
                      f"{_mark(r['pass'])} | {r['seconds']:.1f} |")
     lines.append("")
@@ -218,6 +220,15 @@ def _markdown(res):
                        ("curves", "accuracy versus eps")):
         if key in res["figures"]:
             lines += [f"## {title}", "", f"![{title}]({res['figures'][key]})", ""]
+    for name, e in res.get("experiments", {}).items():
+        lines += [f"## Experiment `{name}` (quick form, {e['seconds']:.0f} s)", "",
+                  e["summary"] + ".", "", f"Details: `{name}/results.json`.", "",
+                  "| figure | measured | target | verdict |", "|---|---|---|---|"]
+        lines += [f"| {r['experiment'].split(': ', 1)[1]} | {r['measured']} | {r['target']} | "
+                  f"{_mark(r['pass'])} |" for r in res["results"] if r.get("group") == name]
+        lines.append("")
+        lines += [f"![{k}]({v})" for k, v in e["figures"].items()]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -231,14 +242,57 @@ def _writable_folder(out):
         raise AdvkernError(f"cannot write the report to {out}: not writable")
 
 
-def run_demo(quick=False, seed=0, backend="auto", out="advkern-report"):
+def _experiment_names(experiments):
+    from . import experiments as _exp
+    from .errors import AdvkernError
+
+    if experiments is None or experiments == "all":
+        return _exp.available()
+    if experiments == "none":
+        return []
+    names = [e.strip() for e in experiments.split(",")] if isinstance(experiments, str) \
+        else list(experiments)
+    for e in names:
+        if e not in _exp.available():
+            raise AdvkernError(f"unknown experiment {e!r}: use 'all', 'none' or some of "
+                               f"{_exp.available()}")
+    return names
+
+
+def _run_experiments(names, out, backend, seed, rows, recs):
+    """The quick form of each experiment (``advkern.experiments``), its figures under
+    out/NAME; its targets join the demo's rows and records. Returns {name: summary}."""
+    from . import experiments as _exp
+
+    done = {}
+    for name in names:
+        _stderr(f"advkern demo: experiment {name} (quick form)")
+        res = _exp.run(name, out=None if out is None else os.path.join(out, name),
+                       backend=backend, quick=True, seed=seed, log=_stderr)
+        share = res["seconds"] / max(len(res["targets"]), 1)
+        for t in res["targets"]:
+            rows.append((f"{name}: {t['name']}", "-", t["measured"], t["target"],
+                         f"{share:.1f}"))
+            recs.append({"experiment": f"{name}: {t['name']}", "model": "-",
+                         "measured": t["measured"], "values": t["values"],
+                         "target": t["target"], "pass": t["pass"],
+                         "seconds": round(share, 3), "group": name})
+        done[name] = {"summary": res["summary"], "seconds": res["seconds"],
+                      "figures": {k: f"{name}/{v}" for k, v in res["figures"].items()}}
+    return done
+
+
+def run_demo(quick=False, seed=0, backend="auto", out="advkern-report", experiments="all"):
     """Run the demo, print its table, write the report folder ``out`` (None: no report).
+    experiments: 'all' (default), 'none', or names of ``advkern.experiments`` (a list or a
+    comma-separated string) to run in their quick form after the headline attacks.
     Returns 0."""
     from .cli import _table
     from .kernels import resolve
 
     t0 = time.perf_counter()
     backend = resolve("reference" if backend is None else backend)
+    exp_names = _experiment_names(experiments)
     if out is not None:
         _writable_folder(out)   # before any work: a bad --out must not cost the run
     _stderr(f"advkern demo: bundled MNIST (1,000 test images), attacks on the "
@@ -247,6 +301,7 @@ def run_demo(quick=False, seed=0, backend="auto", out="advkern-report"):
     rows = headline_results(quick=quick, seed=seed,
                             backend=None if backend == "reference" else backend, keep=keep)
     recs = keep["records"]
+    exp_done = _run_experiments(exp_names, out, backend, seed, rows, recs)
     table = [row + (_mark(rec["pass"]).strip("*"),) for row, rec in zip(rows, recs)]
     print(_table(["experiment", "model", "measured", "target", "seconds", "verdict"], table))
     seconds = time.perf_counter() - t0
@@ -262,7 +317,7 @@ def run_demo(quick=False, seed=0, backend="auto", out="advkern-report"):
            "backend": backend, "quick": bool(quick), "seed": seed,
            "seconds": round(time.perf_counter() - t0, 1), "advkern": __version__,
            "machine": _machine(), "passed": passed, "with_target": len(with_target),
-           "results": recs, "figures": figures,
+           "results": recs, "figures": figures, "experiments": exp_done,
            "curves": {k: {"eps": e, "accuracy": a} for k, (e, a) in keep["curves"].items()}}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)

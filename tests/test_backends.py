@@ -31,7 +31,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from advkern import kernels
 from advkern.errors import AdvkernError, ShapeError
 from advkern.kernels.contract import composed_pgd_step
-from advkern.nets import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid, Tanh
+from advkern.nets import (RBF, Conv2D, Dense, Flatten, MaxPool2D, Maxout, ReLU, Sequential,
+                          Sigmoid, Tanh)
 from advkern.reference import network
 from advkern.reference import pixel as rpx
 
@@ -79,6 +80,8 @@ def _reduction(model, n=1, params=False):
                           n * area if params else 0)
         elif layer.type == "maxpool2d":
             longest = max(longest, layer.kernel[0] * layer.kernel[1])
+        elif layer.type == "rbf":
+            longest = max(longest, src[0], dst[0], n if params else 0)
     return longest
 
 
@@ -127,6 +130,9 @@ def kink_margin(model64, x64):
             if prev == "relu":
                 gap = np.where(top == 0, np.inf, gap)
             margin = np.minimum(margin, gap.reshape(n, -1).min(axis=1))
+        elif layer.type == "maxout" and layer.pieces > 1:
+            g = np.sort(h.reshape(n, -1, layer.pieces), axis=-1)
+            margin = np.minimum(margin, ((g[..., -1] - g[..., -2]) / scale).min(axis=1))
         h, _ = network.layer_forward(layer, p, h, model64.shapes[i])
         prev = layer.type
     return margin
@@ -174,6 +180,11 @@ FIXED = {
     "binary_cnn": lambda: _fixed([Conv2D(2, 3, 2, "same"), ReLU(), Flatten(), Dense(1)],
                                  (1, 5, 5), 50),
     "binary_logreg": lambda: _fixed([Flatten(), Dense(1)], (1, 3, 3), 60),
+    # maxout after a multi-channel conv's flatten (a backend holding NHWC rows must group
+    # the caller's features); rbf units between dense layers, and as the logits.
+    "maxout": lambda: _fixed([Conv2D(2, 2, 1, "valid"), Flatten(), Maxout(3), Dense(6),
+                              Maxout(2), Dense(4)], (1, 4, 4), 80),
+    "rbf": lambda: _fixed([Flatten(), RBF(5), Dense(4), Tanh(), RBF(3)], (2, 2, 2), 90),
 }
 
 
@@ -360,7 +371,7 @@ def test_network_primitives_large_batch(name, dtype):
 
 
 _EMPTY_ARCHS = ["mlp", "conv_asym_pads", "binary_cnn",
-                "conv_same_s2_pool"]
+                "conv_same_s2_pool", "maxout", "rbf"]
 
 
 def _empty(name, arch):

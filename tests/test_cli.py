@@ -122,8 +122,10 @@ def test_train_logreg_writes_model_and_prints_table(capsys, tmp_path):
     assert model.num_params == 7850
     rows = table_rows(out, "model")
     assert len(rows) == 1
-    name, epochs, train_acc, test_acc, _secs, saved = rows[0]
+    name, epochs, train_acc, test_acc, _secs, backend, saved = rows[0]
     assert (name, epochs, saved) == ("logreg", "1", str(f))
+    from advkern.kernels import resolve
+    assert backend == resolve("auto")   # training runs on the auto backend by default
     x, y = load_mnist("test")
     # The printed test accuracy is the saved model's.
     assert test_acc == f"{100 * model.accuracy(x, y):.2f}%"

@@ -32,7 +32,8 @@ from advkern.nets import (
     load,
     save,
 )
-from advkern.nets.layers import LAYER_TYPES, layer_from_config
+from advkern.nets.layers import (LAYER_TYPES, RBF, Conv2DTranspose, Maxout, Reshape,
+                                 layer_from_config)
 
 META = "__advkern__"
 
@@ -177,7 +178,9 @@ def test_input_shape_must_be_positive_integers(shape):
 def test_every_layer_round_trips_through_its_config():
     specs = [Dense(3), Conv2D(4, 3, 2, "same"), Conv2D(1, (2, 3), (1, 2), (1, 2)),
              Conv2D(2, 1, 1, (0, 1, 2, 0)), Conv2D(2, 2, 1, 1), MaxPool2D(2),
-             MaxPool2D((3, 2), (1, 2)), ReLU(), Tanh(), Sigmoid(), Flatten()]
+             MaxPool2D((3, 2), (1, 2)), ReLU(), Tanh(), Sigmoid(), Flatten(), Maxout(3),
+             RBF(4), Conv2DTranspose(3, 3, 2, "same"), Conv2DTranspose(2, (2, 3), (1, 2), 1),
+             Reshape((2, 3, 4))]
     assert {s.type for s in specs} == set(LAYER_TYPES)
     for s in specs:
         cfg = s.to_config()

@@ -311,3 +311,28 @@ def load_mnist_idx(images_path, labels_path, dtype=np.float32) -> tuple[np.ndarr
             f"but {labels.shape[0]} labels in {os.fspath(labels_path)}"
         )
     return _to_unit_float(images, dt), labels.astype(np.int64)
+
+
+def select_classes(x, y, classes):
+    """The images of the given classes, relabelled 0..len(classes)-1 in the order given.
+
+    x: (N, ...), y: (N,) int labels; classes: distinct labels, at least two (e.g. (3, 7):
+    3 -> 0, 7 -> 1, the pair a binary logistic regression separates). Returns (x_sel, y_sel)
+    (new arrays, file order kept); the inputs are not modified.
+    """
+    try:
+        cls = [int(c) for c in classes]
+        bad = len(cls) < 2 or len(set(cls)) != len(cls) or \
+            any(int(c) != c or isinstance(c, bool) for c in classes)
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
+        raise AdvkernError(f"classes must be two or more distinct integer labels, got {classes!r}")
+    y = np.asarray(y)
+    missing = [c for c in cls if not np.any(y == c)]
+    if missing:
+        raise AdvkernError(f"classes {missing} have no examples (labels present: "
+                           f"{sorted(set(y.tolist()))})")
+    mask = np.isin(y, cls)
+    lut = {c: i for i, c in enumerate(cls)}
+    return np.array(x[mask]), np.array([lut[int(v)] for v in y[mask]], dtype=np.int64)

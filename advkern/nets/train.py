@@ -21,7 +21,8 @@ import numpy as np
 from .._progress import Progress
 from .._validate import check_box, check_int, check_labels, check_positive
 from ..errors import AdvkernError
-from ..reference.network import loss_and_input_grad, loss_and_param_grads
+from ..reference.network import (loss_and_input_grad, loss_and_param_grads,
+                                 loss_and_param_grads_soft)
 
 
 class SGD:
@@ -138,11 +139,17 @@ class _OnBackend:
 
 
 def minibatch_grads(model, xb, yb, *, adversarial=None, eps=0.1, mix=0.5, pgd_steps=7,
-                    pgd_alpha=None, rng=None, clip=(0.0, 1.0), ops=None):
+                    pgd_alpha=None, rng=None, clip=(0.0, 1.0), ops=None, soft=None,
+                    temperature=1.0):
     """Loss (float) and parameter gradients of one minibatch under the chosen objective.
 
     ops: where the math runs (None: the NumPy reference; see ``train(backend=...)``).
+    soft: None, or (B, max(K, 2)) target distributions: the soft-label cross-entropy at
+    ``temperature`` (``reference.losses.soft_cross_entropy``) on the NumPy reference; yb
+    and the adversarial options are then unused.
     """
+    if soft is not None:
+        return loss_and_param_grads_soft(model, xb, soft, temperature)
     ops = ops or _Reference
     net = ops.prepare(model, xb.dtype)
     if adversarial is None:
@@ -163,16 +170,28 @@ def minibatch_grads(model, xb, yb, *, adversarial=None, eps=0.1, mix=0.5, pgd_st
 def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, momentum=0.9,
           weight_decay=0.0, seed=0, adversarial=None, eps=0.1, mix=0.5, pgd_steps=7,
           pgd_alpha=None, clip=(0.0, 1.0), schedule="cosine", x_val=None, y_val=None,
-          progress=None, backend=None, label="train"):
+          progress=None, backend="auto", label="train", temperature=1.0, soft_labels=None):
     """Train a copy of ``model`` on (x, y); the caller's model and arrays are not modified.
 
     x: (N, *model.input_shape) float32/float64, y: (N,) int labels. Each epoch visits the
     data in a seeded random order in minibatches of ``batch_size``. Returns
     ``(trained_model, history)`` where history is a list of per-epoch dicts
     (epoch, loss, seconds, and val_accuracy when validation data are given).
-    backend: None trains with the NumPy reference; a backend name ('numpy', 'numba_cpu')
-    computes the parameter gradients and adversarial points with that backend's primitives.
+    backend: where the parameter gradients and adversarial points are computed: 'auto'
+    (default: ``$ADVKERN_BACKEND`` or the fastest backend here, see
+    ``advkern.kernels.resolve``), 'reference' (or None) for the NumPy reference, or a backend
+    name ('numpy', 'numba_cpu', ...). Each epoch's record names the backend that ran. The
+    backends agree with the reference to float rounding (their reductions sum in another
+    order), so the trained weights are bit-reproducible for a given backend and machine, and
+    agree across them to rounding that training amplifies only slightly (mlp/cnn: 1e-5).
     label: the progress line's name of what is trained.
+    temperature, soft_labels: distillation (Papernot et al. 2016). With soft_labels (N,
+    max(K, 2)) (rows: distributions, e.g. a teacher's softmax(z / T)) or temperature != 1,
+    the objective is mean_i -sum_k q_ik log softmax(f(x_i) / T)_k with q = soft_labels, or
+    one-hot(y) when soft_labels is None (a teacher trained at temperature T). Its gradients
+    come from the NumPy reference whatever ``backend`` says (the backends' primitives take
+    hard labels), recorded as 'reference'; not combined with ``adversarial``. At the
+    defaults (1.0, None) training is exactly the hard-label path above.
     schedule: 'cosine' decays the learning rate as lr * (1 + cos(pi * t / T)) / 2 over the
     T steps of training (steadier final accuracy on small data); 'constant' keeps it.
     """
@@ -187,11 +206,12 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
             raise AdvkernError(f"mix must be in [0, 1], got {mix}")
         if adversarial == "pgd":
             pgd_steps = check_int(pgd_steps, "pgd_steps")
-    if backend is None:
-        ops = _Reference
-    else:
-        from .. import kernels
-        ops = _OnBackend(kernels.get(backend))
+    from .. import kernels
+    backend = kernels.resolve("reference" if backend is None else backend)
+    ops = _Reference if backend == "reference" else _OnBackend(kernels.get(backend))
+    soft = _soft_targets(soft_labels, temperature, y, model.num_classes, adversarial, x.dtype)
+    if soft is not None:
+        backend, ops = "reference", _Reference
     opt_kw = {"momentum": momentum} if optimizer == "sgd" else {}
     if schedule not in ("cosine", "constant"):
         raise AdvkernError(f"unknown schedule {schedule!r}: use 'cosine' or 'constant'")
@@ -212,7 +232,8 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
                 loss, grads = minibatch_grads(model, x[idx], y[idx], adversarial=adversarial,
                                               eps=eps, mix=mix, pgd_steps=pgd_steps,
                                               pgd_alpha=pgd_alpha, rng=rng, clip=clip,
-                                              ops=ops)
+                                              ops=ops, temperature=temperature,
+                                              soft=None if soft is None else soft[idx])
                 if not np.isfinite(loss):
                     raise AdvkernError(f"training diverged at epoch {epoch + 1} (loss {loss}): "
                                        "lower the learning rate")
@@ -223,8 +244,33 @@ def train(model, x, y, *, epochs=10, batch_size=64, optimizer="adam", lr=None, m
                 total += loss * len(idx)
                 bar.update(1, epoch=epoch + 1, loss=float(loss))
             rec = {"epoch": epoch + 1, "loss": total / len(x),
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "backend": backend}
             if x_val is not None:
                 rec["val_accuracy"] = model.accuracy(x_val, y_val)
             history.append(rec)
     return model, history
+
+
+def _soft_targets(soft_labels, temperature, y, num_classes, adversarial, dtype):
+    """The (N, max(K, 2)) targets of distillation training, or None for the hard-label path
+    (temperature 1 and no soft labels). Checks the arguments; returns a new array."""
+    temperature = check_positive(temperature, "temperature")
+    if soft_labels is None and temperature == 1.0:
+        return None
+    if adversarial is not None:
+        raise AdvkernError("temperature / soft_labels (distillation) cannot be combined with "
+                           "adversarial training")
+    if soft_labels is None:
+        q = np.zeros((len(y), num_classes), dtype)
+        q[np.arange(len(y)), y] = 1
+        return q
+    from .._validate import check_float_array
+    from ..errors import ShapeError
+    q = check_float_array(soft_labels, "soft_labels", ndim=2)
+    if q.shape != (len(y), num_classes):
+        raise ShapeError(f"soft_labels must have shape {(len(y), num_classes)} (one "
+                         f"distribution per training sample), got {q.shape}")
+    if np.any(q < 0) or not np.allclose(q.sum(axis=1), 1, atol=1e-3):
+        raise AdvkernError("soft_labels rows must be probability distributions (>= 0, summing "
+                           "to 1)")
+    return q.astype(dtype)  # a copy: the caller's array is never modified

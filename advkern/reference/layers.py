@@ -210,3 +210,175 @@ def flatten_forward(x):
 
 def flatten_backward(dout, cache):
     return dout.reshape(cache), {}
+
+
+# ----------------------------------------------------------------------------- transposed conv
+#
+# conv2d_transpose is the adjoint of conv2d: with the same weight array, stride and pads,
+# <conv2d(y), x> = <y, conv2d_transpose(x)> (biases zero) for y of the transposed conv's
+# output shape. Weight layout (C_in, F_out, KH, KW), as PyTorch's nn.ConvTranspose2d.weight
+# (and the conv2d weight whose adjoint it is: conv2d's (F, C, ...) with F = C_in here).
+
+
+def resolve_transpose_padding(padding, in_hw, kernel, stride):
+    """Crop pads ``(top, bottom, left, right)`` and ``output_padding (oh, ow)`` of a
+    transposed convolution.
+
+    The uncropped output has (H - 1) * sh + KH rows; the output is its rows
+    [top, top + H_out) (zeros past its end), H_out = (H - 1) * sh + KH - top - bottom + oh:
+    ``output_padding`` oh extends the output at the bottom (PyTorch's output_padding).
+    padding: 'valid' (no crop: H_out = (H - 1) * sh + KH, PyTorch's padding=0), 'same'
+    (H_out = H * sh as in TensorFlow/Keras: crop max(KH - sh, 0), the odd row at the bottom,
+    the adjoint of conv2d 'same' on an H * sh input; when KH < sh, sh - KH rows of output
+    padding), an int, a pair or a 4-tuple of crops as in ``resolve_padding``.
+    """
+    (h, w), (kh, kw), (sh, sw) = in_hw, kernel, stride
+    if isinstance(padding, str) and padding == "same":
+        pads, extra = [], []
+        for k, s in ((kh, sh), (kw, sw)):
+            total = max(k - s, 0)
+            pads += [total // 2, total - total // 2]
+            extra.append(max(s - k, 0))
+        return tuple(pads), tuple(extra)
+    return resolve_padding(padding, in_hw, kernel, stride), (0, 0)
+
+
+def conv_transpose_output_hw(in_hw, kernel, stride, pads, output_padding=(0, 0)):
+    """Output (H_out, W_out) = (H - 1) * sh + KH - top - bottom + oh per axis."""
+    (h, w), (kh, kw), (sh, sw) = in_hw, kernel, stride
+    t, b, l, r = pads
+    return (h - 1) * sh + kh - t - b + output_padding[0], \
+        (w - 1) * sw + kw - l - r + output_padding[1]
+
+
+def conv2d_transpose_forward(x, w, b, stride=(1, 1), pads=(0, 0, 0, 0), output_padding=(0, 0)):
+    """2-D transposed convolution ("deconvolution"), NCHW: the adjoint of ``conv2d_forward``.
+
+    full[n, f, i*sh + u, j*sw + v] += sum_c x[n, c, i, j] * w[c, f, u, v]   (every i, j, u, v)
+    out[n, f] = full[n, f, top: top + H_out, left: left + W_out] + b[f] (zeros past the end
+    of full), ``pads`` = (top, bottom, left, right) crops and ``output_padding`` (oh, ow)
+    rows/columns added back at the bottom/right (PyTorch's padding and output_padding).
+
+    x: (N, C, H, W), w: (C, F, KH, KW), b: (F,) -> out: (N, F, H_out, W_out) with
+    H_out = (H - 1) * sh + KH - top - bottom + oh (``conv_transpose_output_hw``).
+    2*N*C*F*KH*KW*H*W FLOPs (each input pixel scatters a KH x KW patch per output channel).
+    """
+    n, c, h, wd = x.shape
+    _, f, kh, kw = w.shape
+    sh, sw = stride
+    t, bo, l, r = pads
+    oh, ow = output_padding
+    hf, wf = (h - 1) * sh + kh, (wd - 1) * sw + kw
+    ho, wo = hf - t - bo + oh, wf - l - r + ow
+    # One GEMM gives every input pixel's patch: (N*H*W, C) @ (C, F*KH*KW).
+    cols = np.tensordot(x, w, axes=([1], [0]))  # (N, H, W, F, KH, KW)
+    # The full canvas is grown by the output padding so the crop below is one slice.
+    full = np.zeros((n, f, max(hf, t + ho), max(wf, l + wo)), dtype=np.result_type(x, w))
+    # col2im as KH*KW strided adds: within one tap no two input pixels share an output pixel.
+    for u in range(kh):
+        for v in range(kw):
+            full[:, :, u: u + sh * (h - 1) + 1: sh, v: v + sw * (wd - 1) + 1: sw] += \
+                cols[..., u, v].transpose(0, 3, 1, 2)
+    out = full[:, :, t: t + ho, l: l + wo] + b[:, None, None]
+    return np.ascontiguousarray(out.astype(x.dtype, copy=False)), \
+        (x, w, stride, pads, (hf, wf))
+
+
+def conv2d_transpose_backward(dout, cache, need_params=True):
+    """dout: (N, F, H_out, W_out) -> dx: (N, C, H, W), grads {"w": (C, F, KH, KW), "b": (F,)}.
+
+    The input gradient is a plain conv2d of the (uncropped) output gradient with the same
+    weights: dx[n, c, i, j] = sum_{f, u, v} w[c, f, u, v] * dfull[n, f, i*sh + u, j*sw + v].
+    need_params=False skips the weight gradient and returns {}.
+    """
+    x, w, stride, pads, (hf, wf) = cache
+    n, c, h, wd = x.shape
+    _, f, kh, kw = w.shape
+    t, _, l, _ = pads
+    ho, wo = dout.shape[2:]
+    # Rows and columns past the end of full were zeros + bias: only the bias sees them.
+    dfull = np.zeros((n, f, max(hf, t + ho), max(wf, l + wo)), dtype=dout.dtype)
+    dfull[:, :, t: t + ho, l: l + wo] = dout
+    win = _windows(dfull[:, :, :hf, :wf], (kh, kw), stride)  # (N, F, H, W, KH, KW)
+    # (N*H*W, F*KH*KW) @ (F*KH*KW, C): the forward GEMM's FLOPs again.
+    dx = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
+    dx = np.ascontiguousarray(dx.astype(dout.dtype, copy=False))
+    if not need_params:
+        return dx, {}
+    dw = np.tensordot(x, win, axes=([0, 2, 3], [0, 2, 3]))  # (C, F, KH, KW)
+    return dx, {"w": dw.astype(dout.dtype, copy=False), "b": dout.sum(axis=(0, 2, 3))}
+
+
+# ----------------------------------------------------------------------------- reshape
+
+
+def reshape_forward(x, shape):
+    """x: (N, ...) -> (N, *shape) in C order (e.g. a decoder's (N, C*H*W) -> (N, C, H, W))."""
+    return x.reshape(x.shape[0], *shape), x.shape
+
+
+def reshape_backward(dout, cache):
+    return dout.reshape(cache), {}
+
+
+# ----------------------------------------------------------------------------- maxout
+
+
+def maxout_forward(x, pieces):
+    """Max over groups of ``pieces`` consecutive features (Goodfellow et al. 2013).
+
+    out[n, j] = max_{p < k} x[n, j*k + p], k = pieces. x: (N, M*k) -> out: (N, M).
+    A maxout layer of M units is a dense layer to M*k features followed by this (the
+    parameters live in the dense layer). The gradient goes to the first maximal piece of
+    each group, as max pooling does.
+    """
+    n, d = x.shape
+    groups = x.reshape(n, d // pieces, pieces)
+    arg = groups.argmax(axis=2)
+    out = np.take_along_axis(groups, arg[..., None], axis=2)[..., 0]
+    return out, (x.shape, arg, pieces)
+
+
+def maxout_backward(dout, cache):
+    """dout: (N, M) -> dx: (N, M*k) (dout at each group's winning piece, 0 elsewhere), {}."""
+    x_shape, arg, pieces = cache
+    dx = np.where(np.arange(pieces) == arg[..., None], dout[..., None], 0)
+    return dx.astype(dout.dtype, copy=False).reshape(x_shape), {}
+
+
+# ----------------------------------------------------------------------------- rbf
+
+
+def rbf_forward(x, c, log_beta):
+    """Gaussian radial-basis units: out[n, j] = exp(-beta_j * ||x_n - c_j||^2).
+
+    x: (N, D), centres c: (M, D), log_beta: (M,) with beta = exp(log_beta) (any real
+    log_beta gives a positive width, so unconstrained training cannot make a unit grow
+    with distance) -> out: (N, M).
+    The squared distance is ||x||^2 - 2 x.c + ||c||^2: one GEMM, 2*N*M*D FLOPs, instead of
+    an (N, M, D) difference tensor. Near a centre that sum cancels, and rounding can leave it
+    slightly negative (x = c gives -1e-16 rather than 0), which would put out above 1: it is
+    clamped at 0, and the clamped entries get a zero gradient (the true distance's gradient
+    2 (x - c) is zero there too).
+    """
+    beta = np.exp(log_beta)
+    raw = np.sum(x * x, axis=1)[:, None] - 2 * (x @ c.T) + np.sum(c * c, axis=1)
+    d2 = np.maximum(raw, 0)
+    out = np.exp(-beta * d2)
+    return out, (x, c, beta, raw > 0, d2, out)
+
+
+def rbf_backward(dout, cache, need_params=True):
+    """dout: (N, M) -> dx: (N, D), grads {"c": (M, D), "log_beta": (M,)} ({} if not need_params).
+
+    With e = dL/d(d2) = -beta * dout * out (0 where the distance was clamped):
+    dx = 2 (sum_j e_j x - e @ c), dc = 2 (sum_n e_n c - e.T @ x),
+    dlog_beta = sum_n e * d2 (d out / d log_beta = -beta d2 out). Two GEMMs of 2*N*M*D FLOPs.
+    """
+    x, c, beta, mask, d2, out = cache
+    e = np.where(mask, -beta * dout * out, 0).astype(dout.dtype, copy=False)
+    dx = 2 * (e.sum(axis=1)[:, None] * x - e @ c)
+    if not need_params:
+        return dx, {}
+    return dx, {"c": 2 * (e.sum(axis=0)[:, None] * c - e.T @ x),
+                "log_beta": np.sum(e * d2, axis=0)}

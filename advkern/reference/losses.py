@@ -101,3 +101,39 @@ def get_loss(name):
     except KeyError:
         from ..errors import AdvkernError  # a ValueError subclass
         raise AdvkernError(f"unknown loss {name!r}: use one of {sorted(LOSSES)}") from None
+
+
+def soft_cross_entropy(logits, q, temperature=1.0):
+    """Cross-entropy against soft labels at a temperature (Hinton et al. 2015; Papernot et al.
+    2016, defensive distillation): J(z, q) = -sum_k q_k log softmax(z / T)_k.
+
+    logits: (N, K); q: (N, max(K, 2)) non-negative target distributions (rows of a teacher's
+    softmax(z_teacher / T), or one-hot rows for hard labels); temperature: T > 0.
+    -> loss (N,), dlogits (N, K) with dJ/dz = (sum_k q_k * softmax(z / T) - q) / T, which
+    is (softmax(z / T) - q) / T when the rows of q sum to 1.
+
+    log softmax is the log-sum-exp form of :func:`log_softmax`, so a confident row never
+    takes the log of an underflowed probability. No T^2 factor (Hinton's, which keeps the
+    soft-target gradient's scale when mixing it with a hard-label term): there is no mixing
+    here, and Adam's update is invariant to a constant gradient scale. At T = 1 with one-hot
+    q this is :func:`cross_entropy`, operation for operation (same loss and gradient bits).
+    """
+    k = logits.shape[1]
+    t = logits.dtype.type(temperature)
+    z = logits / t if temperature != 1 else logits
+    logp = log_softmax(z)
+    q = np.asarray(q, dtype=logits.dtype)
+    if q.shape != logp.shape:
+        from ..errors import ShapeError
+        raise ShapeError(f"soft labels must have shape {logp.shape} (one distribution per "
+                         f"sample over {logp.shape[1]} classes), got {q.shape}")
+    # q_k = 0 where log p_k is very negative contributes exactly 0 (log p is always finite).
+    loss = -(q * logp).sum(axis=1)
+    d = np.exp(logp)
+    mass = q.sum(axis=1, keepdims=True)
+    if not np.all(mass == 1):
+        d *= mass
+    d -= q
+    if temperature != 1:
+        d /= t
+    return loss, _from_two_class(d, k).astype(logits.dtype, copy=False)

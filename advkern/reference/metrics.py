@@ -74,12 +74,22 @@ def evaluate(model, x, y, x_adv, target=None):
     pred = _predict(model, x)
     pred_adv = _predict(model, x_adv)
     success = success_mask(model, x_adv, y, target)
+    return summarize(y, pred, pred_adv, success, perturbation_norms(x, x_adv))
+
+
+def summarize(y, pred, pred_adv, success, norms):
+    """``evaluate``'s dict from the per-image records: y, pred, pred_adv (N,) int, success
+    (N,) bool, norms: {'l0', 'l1', 'l2', 'linf'} -> (N,) (counts or floats; taken as
+    float64). Records gathered from slices of a set give exactly the whole set's summary
+    (``advkern.distributed`` relies on it)."""
+    y, pred, pred_adv = np.asarray(y), np.asarray(pred), np.asarray(pred_adv)
+    success = np.asarray(success, dtype=bool)
+    norms = {k: np.asarray(norms[k], dtype=np.float64) for k in _NORMS}
     correct = pred == y
-    out = {"n": len(x), "clean_accuracy": _rate(correct),
+    out = {"n": len(y), "clean_accuracy": _rate(correct),
            "adversarial_accuracy": _rate(pred_adv == y), "success_rate": _rate(success),
            "success_rate_on_correct": _rate(success[correct]), "pred": pred,
            "pred_adv": pred_adv, "success": success}
-    norms = perturbation_norms(x, x_adv)
     out.update(norms)
     for k in _NORMS:
         v = norms[k][success]

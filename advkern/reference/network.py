@@ -33,13 +33,23 @@ def layer_forward(layer, params, x, in_shape):
         return L.sigmoid_forward(x)
     if kind == "flatten":
         return L.flatten_forward(x)
+    if kind == "maxout":
+        return L.maxout_forward(x, layer.pieces)
+    if kind == "rbf":
+        return L.rbf_forward(x, params["c"], params["log_beta"])
+    if kind == "conv2d_transpose":
+        pads, extra = layer.pads(in_shape)
+        return L.conv2d_transpose_forward(x, params["w"], params["b"], layer.stride, pads, extra)
+    if kind == "reshape":
+        return L.reshape_forward(x, layer.shape)
     raise ValueError(f"unknown layer type {kind!r}")
 
 
 _BACKWARD = {
+    "conv2d_transpose": L.conv2d_transpose_backward, "reshape": L.reshape_backward,
     "dense": L.dense_backward, "conv2d": L.conv2d_backward, "maxpool2d": L.maxpool2d_backward,
     "relu": L.relu_backward, "tanh": L.tanh_backward, "sigmoid": L.sigmoid_backward,
-    "flatten": L.flatten_backward,
+    "flatten": L.flatten_backward, "maxout": L.maxout_backward, "rbf": L.rbf_backward,
 }
 
 
@@ -121,3 +131,33 @@ def jacobian(model, x):
     seeds = np.tile(np.eye(k, dtype=x.dtype), (n, 1))
     dx, _ = backward(model, seeds, caches, need_params=False)
     return dx.reshape(n, k, int(np.prod(model.shapes[0])))
+
+
+def loss_and_param_grads_soft(model, x, q, temperature=1.0):
+    """Mean soft-label loss at temperature T (``losses.soft_cross_entropy``) over the batch
+    (a float) and its parameter gradients (list of dicts), as ``loss_and_param_grads``.
+
+    x: (N, *input_shape); q: (N, max(K, 2)) target distributions; temperature: T > 0.
+    """
+    from .losses import soft_cross_entropy
+    x = check_model(model).check_input(x)
+    logits, caches = forward(model, x)
+    values, dlogits = soft_cross_entropy(logits, q, temperature)
+    _, grads = backward(model, dlogits / len(x), caches)
+    return float(values.mean()), grads
+
+
+def activations(model, x):
+    """Every layer's output: x (N, *input_shape) -> [a_1, .., a_L], a_l of shape
+    (N, *model.shapes[l]) in x's dtype (a_L: the logits).
+
+    The same layer calls as ``forward``; the hidden outputs are kept instead of the caches
+    (a layer's cache holds its input only for some layer types).
+    """
+    x = check_model(model).check_input(x)
+    outs = []
+    h = x
+    for i, (layer, p) in enumerate(zip(model.layers, model.params)):
+        h, _ = layer_forward(layer, _cast(p, x.dtype), h, model.shapes[i])
+        outs.append(h)
+    return outs

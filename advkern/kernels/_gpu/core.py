@@ -106,6 +106,15 @@ class GpuNet:
             elif layer.type == "flatten":
                 stages.append(_Stage("flatten", i, src, dst))
                 i += 1
+            elif layer.type == "maxout":
+                stages.append(_Stage("maxout", i, src, dst, k=layer.pieces))
+                i += 1
+            elif layer.type == "rbf":
+                c = np.ascontiguousarray(params[i]["c"], dtype=dt)
+                beta = np.exp(np.asarray(params[i]["log_beta"], dtype=dt))
+                stages.append(_Stage("rbf", i, src, dst, c=xp.asarray(c), beta=xp.asarray(beta),
+                                     cnorm=xp.asarray(np.sum(c * c, axis=1))))
+                i += 1
             else:
                 raise AdvkernError(f"the GPU backends do not support layer type {layer.type!r}")
         return stages
@@ -263,6 +272,21 @@ class GpuBackend:
                 if keep:
                     saved[i] = out
                 h = out
+            elif st.kind == "maxout":
+                # plain xp: one reduction over (N, M, k), O(activations) next to the GEMMs
+                g = h.reshape(n, -1, st.k)
+                out = xp.max(g, axis=2)
+                if keep:
+                    saved[i] = xp.argmax(g, axis=2)  # the first max, as the reference
+                h = out
+            elif st.kind == "rbf":
+                # ||x||^2 - 2 x.c + ||c||^2 clamped at 0, as reference.layers.rbf_forward
+                h2 = h.reshape(n, -1)
+                raw = xp.sum(h2 * h2, axis=1)[:, None] - 2 * xp.matmul(h2, st.c.T) + st.cnorm
+                out = xp.exp(-st.beta * xp.maximum(raw, 0))
+                if keep:
+                    saved[i] = (h2, out, raw)
+                h = out
             else:  # flatten
                 h = h.reshape((n,) + st.out_shape)
         return h.reshape(n, -1), saved
@@ -326,6 +350,20 @@ class GpuBackend:
                 ops.maxpool_bwd(xp.ascontiguousarray(d.reshape((n,) + st.out_shape)), saved[i],
                                 st.kh, st.kw, st.sh, st.sw, dx)
                 d = dx
+            elif st.kind == "maxout":
+                arg = saved[i]
+                d = d.reshape(arg.shape)
+                d = xp.where(xp.arange(st.k) == arg[..., None], d[..., None], 0) \
+                    .astype(net.dtype, copy=False).reshape(n, -1)
+            elif st.kind == "rbf":
+                h_in, out, raw = saved[i]
+                d = d.reshape(out.shape)
+                e = xp.where(raw > 0, -st.beta * d * out, 0).astype(net.dtype, copy=False)
+                if grads is not None:
+                    grads[st.first] = {"c": 2 * (e.sum(axis=0)[:, None] * st.c
+                                                 - xp.matmul(e.T, h_in)),
+                                       "log_beta": (e * xp.maximum(raw, 0)).sum(axis=0)}
+                d = None if last else 2 * (e.sum(axis=1)[:, None] * h_in - xp.matmul(e, st.c))
             elif st.kind == "act":
                 d = xp.ascontiguousarray(d.reshape(saved[i].shape)).copy()
                 ops.act_grad(d, saved[i], st.act)

@@ -556,14 +556,21 @@ class _Plan:
         (channels in the first F columns), and hd (n, U): the first dense pre-activation.
         """
         conv = np.zeros((len(xs), self.clean_rows, self.width), dtype=xs.dtype)
-        h, r = xs, 0
-        for i in range(self.dense_idx + 1):
-            h, _ = layer_forward(net.layers[i], net.params[i], h, net.shapes[i])
-            if net.layers[i].type == "conv2d":
-                f_n, ho, wo = h.shape[1:]
-                conv[:, r:r + ho * wo, :f_n] = h.transpose(0, 2, 3, 1).reshape(len(xs), -1, f_n)
-                r += ho * wo
-        return conv, np.ascontiguousarray(h)
+        hd = []
+        # One image at a time: a BLAS GEMM can round a row differently depending on how many
+        # rows share the product (OpenBLAS sgemm with M < 5 rows, measured), and an image's
+        # fitness must not depend on which images are missing from the cache with it.
+        for j in range(len(xs)):
+            h, r = xs[j:j + 1], 0
+            for i in range(self.dense_idx + 1):
+                h, _ = layer_forward(net.layers[i], net.params[i], h, net.shapes[i])
+                if net.layers[i].type == "conv2d":
+                    f_n, ho, wo = h.shape[1:]
+                    conv[j, r:r + ho * wo, :f_n] = h[0].transpose(1, 2, 0).reshape(-1, f_n)
+                    r += ho * wo
+            hd.append(h[0])
+        return conv, np.ascontiguousarray(np.stack(hd)) if hd else \
+            np.zeros((0,) + tuple(net.shapes[self.dense_idx + 1]), xs.dtype)
 
     def _second(self, net, h1, slots):
         """mlp2: the clean second pre-activations h2 (n, U2); G of image j into gpool[slots[j]].
@@ -571,11 +578,15 @@ class _Plan:
         G = W1 diag(h1 > 0) W2 costs 2 D U1 U2 FLOPs per image.
         """
         d1 = self.dense_idx
-        a1, _ = layer_forward(net.layers[d1 + 1], net.params[d1 + 1], h1, net.shapes[d1 + 1])
-        h2, _ = layer_forward(net.layers[d1 + 2], net.params[d1 + 2], a1, net.shapes[d1 + 2])
-        for j, slot in enumerate(slots):
+        h2 = []
+        for j, slot in enumerate(slots):   # per image, as _clean (batch-independent rounding)
+            a1, _ = layer_forward(net.layers[d1 + 1], net.params[d1 + 1], h1[j:j + 1],
+                                  net.shapes[d1 + 1])
+            h2_j, _ = layer_forward(net.layers[d1 + 2], net.params[d1 + 2], a1,
+                                    net.shapes[d1 + 2])
+            h2.append(h2_j[0])
             np.matmul(self.wd, self.w2 * (h1[j] > 0)[:, None], out=self.gpool[slot])
-        return np.ascontiguousarray(h2)
+        return np.ascontiguousarray(np.stack(h2))
 
     def _evict(self):
         while self.cache_bytes > CACHE_BYTES and self.cache:
@@ -616,7 +627,7 @@ class _Plan:
                 self.cache.move_to_end(key)
             entries.append(e)
         if missing:
-            conv, hd = self._clean(net, x[missing])
+            conv, hd = _one_blas_thread(self._clean, net, x[missing])
             for r, j in enumerate(missing):
                 e = {"conv": conv[r], "hd": hd[r], "bytes": conv[r].nbytes + hd[r].nbytes}
                 self.cache[keys[j]] = e
@@ -630,7 +641,8 @@ class _Plan:
                 self.last = None
                 slots = self._slots(len(need), self.wd.shape[:1] + self.w2.shape[1:],
                                     self.wd.dtype)
-                h2 = self._second(net, np.stack([entries[j]["hd"] for j in need]), slots)
+                h2 = _one_blas_thread(self._second, net,
+                                      np.stack([entries[j]["hd"] for j in need]), slots)
                 for r, j in enumerate(need):
                     e = entries[j]
                     e["h2"], e["slot"] = h2[r], slots[r]
@@ -648,6 +660,23 @@ class _Plan:
         if not want_g:
             h2 = gidx = None
         return conv, hd, h2, gidx
+
+
+def _one_blas_thread(fn, *args):
+    """fn(*args) with a single-threaded BLAS (as numba_cpu's kernels run their GEMMs): a
+    multi-threaded OpenBLAS rounds these products differently (measured: DE's best_fitness
+    differed in the last bit between a 1-core and a 2-core process), and a result must not
+    depend on the cores it ran on (advkern.distributed compares workers with one process)."""
+    from . import nn
+
+    ctl = nn._blas_controller()
+    if not ctl:
+        return fn(*args)
+    nn._single_blas(ctl, +1)
+    try:
+        return fn(*args)
+    finally:
+        nn._single_blas(ctl, -1)
 
 
 _PLANS = weakref.WeakKeyDictionary()

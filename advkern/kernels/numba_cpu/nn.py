@@ -22,6 +22,10 @@ tolerance; the arithmetic is reorganised for speed:
   gradients stay in cache (``_CHUNK_BYTES``); the two halves of a batch run in two threads
   with a single-threaded BLAS each (``_drive``). Scratch buffers are cached per thread on
   the prepared net, so a PGD loop allocates only the arrays it returns.
+- Maxout and RBF layers are stages of their own: an njit group max (its backward is the
+  max-pool scatter), and one GEMM h @ c.T between two njit passes (squared distance and exp;
+  e = dL/d(d2) and the x terms of the input gradient). After a flatten of NHWC rows they
+  read the caller's feature order through a permutation fixed in the plan.
 - Jacobian. One forward per image; the backward runs on N*K rows (the K one-hot seeds per
   image) reading each image's cached activations, pooling choices and im2col rows in
   place (row r of the backward batch belongs to image r // K). The seed GEMM of a final
@@ -412,6 +416,71 @@ def _loss(z, y, values, dz, cw):
         dz[r, t] -= one
 
 
+@njit(cache=True, nogil=True)
+def _maxout_fwd(h, out, arg, src, k):
+    """out[r, j] = max_p h[r, src[j*k + p]] (the first max wins, as the reference); arg: the
+    winning offset into h's row (what _pool_bwd scatters to). src maps the caller's feature
+    order to h's internal order."""
+    n, m = out.shape
+    for r in range(n):
+        hr = h[r]
+        for j in range(m):
+            o = src[j * k]
+            best = hr[o]
+            for t in range(1, k):
+                q = src[j * k + t]
+                if hr[q] > best:  # strict: ties keep the first piece
+                    best = hr[q]
+                    o = q
+            out[r, j] = best
+            arg[r, j] = o
+
+
+@njit(cache=True, nogil=True)
+def _rbf_fwd(h, o, raw, cnorm, beta):
+    """o holds h @ c.T on entry; raw <- ||h||^2 - 2 h.c + ||c||^2 and
+    o <- exp(-beta * max(raw, 0)) (the clamp as reference.layers.rbf_forward)."""
+    n, m = o.shape
+    zero = o.dtype.type(0)
+    two = o.dtype.type(2)
+    for r in range(n):
+        s = zero
+        for t in range(h.shape[1]):
+            s += h[r, t] * h[r, t]
+        for j in range(m):
+            v = s - two * o[r, j] + cnorm[j]
+            raw[r, j] = v
+            o[r, j] = np.exp(-beta[j] * (v if v > zero else zero))
+
+
+@njit(cache=True, nogil=True)
+def _rbf_e(g, out, raw, beta, rep, esum):
+    """g (NR, M) <- e = dL/d(d2) = -beta * g * out[r // rep] (0 where the distance was
+    clamped); esum[r] = sum_j e[r, j]."""
+    nr, m = g.shape
+    zero = g.dtype.type(0)
+    for r in range(nr):
+        i = r // rep
+        s = zero
+        for j in range(m):
+            v = -beta[j] * g[r, j] * out[i, j] if raw[i, j] > zero else zero
+            g[r, j] = v
+            s += v
+        esum[r] = s
+
+
+@njit(cache=True, nogil=True)
+def _rbf_dx(gx, x, esum, rep):
+    """gx (NR, D) holds e @ c on entry; gx <- 2 (esum[r] x[r // rep] - gx)."""
+    nr, d = gx.shape
+    two = gx.dtype.type(2)
+    for r in range(nr):
+        xr = x[r // rep]
+        er = esum[r]
+        for t in range(d):
+            gx[r, t] = two * (er * xr[t] - gx[r, t])
+
+
 # ----------------------------------------------------------------------------- plan
 
 
@@ -504,6 +573,23 @@ class _Plan:
             elif kind == "flatten":
                 if cur is not None and cur[1] * cur[2] == 1:
                     cur = None
+            elif kind in ("maxout", "rbf"):
+                # perm[q]: the caller's index of internal feature q (rows may arrive in
+                # (H, W, C) order after a flatten of a multi-channel image)
+                perm = None if cur is None else \
+                    np.arange(din).reshape(cur).transpose(1, 2, 0).ravel()
+                st = _Stage(kind, i, din, dout)
+                st.perm = perm
+                if kind == "maxout":
+                    st.k = layer.pieces
+                    st.src = np.arange(din) if perm is None else np.argsort(perm)
+                else:
+                    st.c = np.ascontiguousarray(p["c"] if perm is None else p["c"][:, perm])
+                    st.ct = st.c.T  # BLAS reads the transpose in place
+                    st.cnorm = np.sum(st.c * st.c, axis=1)
+                    st.beta = np.exp(p["log_beta"])
+                stages.append(st)
+                cur = None
             else:
                 raise AdvkernError(f"numba_cpu: unsupported layer type {kind!r}")
         rep[len(layers)] = cur
@@ -521,12 +607,12 @@ class _Plan:
         bwd = fwd
         for st in stages:
             fwd += st.out_dim + (st.pix * st.kd if st.kind == "conv" else 0)
-            fwd += st.out_dim if st.kind == "pool" else 0
+            fwd += st.out_dim if st.kind in ("pool", "maxout", "rbf") else 0
             bwd += st.in_dim + (st.pix * st.kd if st.kind == "conv" else 0)
         self.fwd_floats, self.bwd_floats = fwd, bwd
         # forward FLOPs per image from each stage on (GEMM work, plus 1 per output elsewhere)
         for st in stages:
-            st.flops = (2 * st.in_dim * st.out_dim if st.kind == "dense" else
+            st.flops = (2 * st.in_dim * st.out_dim if st.kind in ("dense", "rbf") else
                         2 * st.out_dim * st.kd if st.kind == "conv" else st.out_dim)
         self.flops = self.flops_from(0)
         self._tls = threading.local()
@@ -644,6 +730,17 @@ def _forward(plan, h, s0=0, mid=False, out=None):
             arg = plan.buf(("p", si), n, st.out_dim, np.int32)
             _pool_fwd(h, o, arg, *st.geom)
             aux[si] = arg
+        elif st.kind == "maxout":
+            o = plan.buf(("o", si), n, st.out_dim)
+            arg = plan.buf(("p", si), n, st.out_dim, np.int32)
+            _maxout_fwd(h, o, arg, st.src, st.k)
+            aux[si] = arg
+        elif st.kind == "rbf":
+            o = out if (si == last and out is not None) else plan.buf(("o", si), n, st.out_dim)
+            np.dot(h, st.ct, out=o)
+            raw = plan.buf(("p", si), n, st.out_dim)
+            _rbf_fwd(h, o, raw, st.cnorm, st.beta)
+            aux[si] = raw
         else:
             o = plan.buf(("o", si), n, st.out_dim)
             o[...] = h
@@ -673,7 +770,10 @@ def _backward(plan, g, x, outs, aux, rep=1, need_dx=True, grads=None, seeded=Fal
             _act_bwd(g, outs[si], rep, st.act)
         applied = False
         xin = outs[si - 1] if si else x
-        if grads is not None and st.kind in ("dense", "conv"):
+        if st.kind == "rbf":
+            esum = plan.buf(("e", si), nr, 1).reshape(nr)
+            _rbf_e(g, outs[si], aux[si], st.beta, rep, esum)  # g becomes dL/d(d2)
+        if grads is not None and st.kind in ("dense", "conv", "rbf"):
             _param_grad(plan, si, g, xin, aux[si], grads[si])
         if si == 0 and not need_dx:
             break
@@ -701,9 +801,13 @@ def _backward(plan, g, x, outs, aux, rep=1, need_dx=True, grads=None, seeded=Fal
                 np.dot(g.reshape(nr * st.pix, st.f), st.wt, out=dcols)
                 _col2im(dcols, gx, y, rep, act, *st.geom)
             applied = act != 0
-        elif st.kind == "pool":
+        elif st.kind in ("pool", "maxout"):
             gx = dst if dst is not None else plan.buf(("g", si), nr, st.in_dim)
             _pool_bwd(g, aux[si], gx, rep)
+        elif st.kind == "rbf":
+            gx = dst if dst is not None else plan.buf(("g", si), nr, st.in_dim)
+            np.dot(g, st.c, out=gx)
+            _rbf_dx(gx, xin, esum, rep)
         else:
             gx = g
             if dst is not None:
@@ -722,6 +826,10 @@ def _param_grad(plan, si, g, xin, cols, acc):
     if st.kind == "dense":
         acc[0] += xin.T @ g
         acc[1] += g.sum(axis=0)
+        return
+    if st.kind == "rbf":  # g is e = dL/d(d2); cols is the unclamped squared distance
+        acc[0] += 2 * (g.sum(axis=0)[:, None] * st.c - g.T @ xin)
+        acc[1] += np.sum(g * np.maximum(cols, 0), axis=0)
         return
     if st.tpath:
         cols = cols.T
@@ -1086,6 +1194,9 @@ def param_grads(net, x, labels, loss):
                             np.zeros(st.out_dim, plan.dtype)])
             elif st.kind == "conv":
                 acc.append([np.zeros((st.f, st.kd), plan.dtype), np.zeros(st.f, plan.dtype)])
+            elif st.kind == "rbf":
+                acc.append([np.zeros((st.out_dim, st.in_dim), plan.dtype),
+                            np.zeros(st.out_dim, plan.dtype)])
             else:
                 acc.append(None)
         return acc
@@ -1116,5 +1227,11 @@ def param_grads(net, x, labels, loss):
         elif st.kind == "conv":
             dw = g[0].reshape(st.wshape).transpose(0, 3, 1, 2)
             grads[st.first] = {"w": np.ascontiguousarray(dw), "b": g[1]}
+        elif st.kind == "rbf":
+            dc = g[0]
+            if st.perm is not None:
+                dc = np.empty_like(g[0])
+                dc[:, st.perm] = g[0]
+            grads[st.first] = {"c": dc, "log_beta": g[1]}
     mean = float(values.mean()) if n else float("nan")
     return mean, grads
