@@ -319,8 +319,9 @@ def run_demo(quick=False, seed=0, backend="auto", out="advkern-report", experime
            "machine": _machine(), "passed": passed, "with_target": len(with_target),
            "results": recs, "figures": figures, "experiments": exp_done,
            "curves": {k: {"eps": e, "accuracy": a} for k, (e, a) in keep["curves"].items()}}
+    from .experiments._common import _json_default
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1, default=float)
+        json.dump(res, f, indent=1, default=_json_default)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(_markdown(res) + "\n")
     print(f"wrote {out}/report.md, results.json and {len(figures)} pictures")

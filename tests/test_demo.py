@@ -3,6 +3,7 @@ session's cache), its report folder, and a bad --out failing before any work."""
 
 import json
 
+import numpy as np
 import pytest
 
 from advkern import cli
@@ -21,7 +22,8 @@ def _fake_experiment(calls):
         ctx = Context(name, "a stand-in experiment", out=out, backend=backend, quick=quick,
                       seed=seed, log=log)
         ctx.target("stand-in rate", "97.0%", ">= 95%", True, rate=0.97)
-        ctx.target("stand-in gap", "3 pts", ">= 20 pts", False, gap=3.0)
+        ctx.target("stand-in gap", "3 pts", ">= 20 pts", False, gap=np.float32(3.0),
+                   per_class=np.arange(3))     # numpy values, as real experiments give
         ctx.target("stand-in report", "1.5", "-", None, value=1.5)
         path = ctx.figure("stand_in")
         if path:
