@@ -324,5 +324,7 @@ def run_demo(quick=False, seed=0, backend="auto", out="advkern-report", experime
         json.dump(res, f, indent=1, default=_json_default)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(_markdown(res) + "\n")
-    print(f"wrote {out}/report.md, results.json and {len(figures)} pictures")
+    n_exp = sum(len(e["figures"]) for e in exp_done.values())
+    print(f"wrote {out}/report.md, results.json and {len(figures) + n_exp} pictures"
+          + (f" ({n_exp} in the experiments' folders)" if n_exp else ""))
     return 0
