@@ -233,13 +233,8 @@ def _markdown(res):
 
 
 def _writable_folder(out):
-    from .errors import AdvkernError
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise AdvkernError(f"cannot write the report to {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise AdvkernError(f"cannot write the report to {out}: not writable")
+    from .experiments._common import writable_folder
+    writable_folder(out, "the report")
 
 
 def _experiment_names(experiments):

@@ -238,3 +238,26 @@ def pool_configs(draw, max_hw=9):
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     h, w = draw(st.integers(kernel[0], max_hw)), draw(st.integers(kernel[1], max_hw))
     return {"n": n, "c": c, "h": h, "w": w, "kernel": kernel, "stride": stride}
+
+
+def mlp_grad32_permuted(model, x, y, seed=0):
+    """An independent float32 input gradient of the mlp architecture's cross-entropy in plain
+    NumPy (the candidate implementation of the verify tests): features and hidden units in a
+    seeded random order, so every GEMM sums in another order than ours; softmax as exp / sum.
+    x: (N, 1, 28, 28), y: (N,) -> (N, 784) float32."""
+    rng = np.random.default_rng(seed)
+    (w1, b1), (w2, b2), (w3, b3) = [(p["w"].astype(np.float32), p["b"].astype(np.float32))
+                                    for p in model.params if p]
+    pin, h1, h2 = (rng.permutation(n) for n in (w1.shape[0], w1.shape[1], w2.shape[1]))
+    w1, b1, w2, b2, w3 = w1[pin][:, h1], b1[h1], w2[h1][:, h2], b2[h2], w3[h2]
+    xf = x.reshape(len(x), -1).astype(np.float32)[:, pin]
+    a1 = xf @ w1 + b1
+    a2 = np.maximum(a1, 0) @ w2 + b2
+    z = np.maximum(a2, 0) @ w3 + b3
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    dz = e / e.sum(axis=1, keepdims=True)
+    dz[np.arange(len(y)), y] -= 1
+    gx = (((dz @ w3.T) * (a2 > 0)) @ w2.T * (a1 > 0)) @ w1.T
+    g = np.empty_like(gx)
+    g[:, pin] = gx
+    return g

@@ -12,23 +12,11 @@ from advkern.nets.datasets import load_mnist
 from advkern.reference import network
 from advkern.verify import TIE_CLASSES, compare
 
+from _helpers import mlp_grad32_permuted
+
 
 def fgsm32_permuted(model, x, y, eps, seed=0):
-    rng = np.random.default_rng(seed)
-    (w1, b1), (w2, b2), (w3, b3) = [(p["w"].astype(np.float32), p["b"].astype(np.float32))
-                                    for p in model.params if p]
-    pin, h1, h2 = (rng.permutation(n) for n in (w1.shape[0], w1.shape[1], w2.shape[1]))
-    w1, b1, w2, b2, w3 = w1[pin][:, h1], b1[h1], w2[h1][:, h2], b2[h2], w3[h2]
-    xf = x.reshape(len(x), -1).astype(np.float32)[:, pin]
-    a1 = xf @ w1 + b1
-    a2 = np.maximum(a1, 0) @ w2 + b2
-    z = np.maximum(a2, 0) @ w3 + b3
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    dz = e / e.sum(axis=1, keepdims=True)
-    dz[np.arange(len(y)), y] -= 1
-    gx = (((dz @ w3.T) * (a2 > 0)) @ w2.T * (a1 > 0)) @ w1.T
-    g = np.empty_like(gx)
-    g[:, pin] = gx
+    g = mlp_grad32_permuted(model, x, y, seed)
     return np.clip(x + np.float32(eps) * np.sign(g).reshape(x.shape), 0, 1).astype(np.float32)
 
 

@@ -16,6 +16,8 @@ from advkern.errors import AdvkernError, ShapeError
 from advkern.nets import save
 from advkern.nets.datasets import load_mnist
 from advkern.reference.gradient_attacks import random_init
+
+from _helpers import mlp_grad32_permuted
 from advkern._validate import per_sample_rngs
 from advkern.verify import TIE_CLASSES, _setup, _tie_masks, compare, replay_pgd
 
@@ -24,24 +26,7 @@ L2 = {"eps": 2.0, "alpha": 0.2, "steps": 10, "norm": "l2"}
 LINF = {"eps": 0.1, "alpha": 0.01, "steps": 10, "norm": "inf"}
 
 
-def _grad32(model, x, y, seed=0):
-    """Plain-NumPy float32 input gradient of the mlp's cross-entropy, permuted orders."""
-    rng = np.random.default_rng(seed)
-    (w1, b1), (w2, b2), (w3, b3) = [(p["w"].astype(np.float32), p["b"].astype(np.float32))
-                                    for p in model.params if p]
-    pin, h1, h2 = (rng.permutation(n) for n in (w1.shape[0], w1.shape[1], w2.shape[1]))
-    w1, b1, w2, b2, w3 = w1[pin][:, h1], b1[h1], w2[h1][:, h2], b2[h2], w3[h2]
-    xf = x.reshape(len(x), -1).astype(np.float32)[:, pin]
-    a1 = xf @ w1 + b1
-    a2 = np.maximum(a1, 0) @ w2 + b2
-    z = np.maximum(a2, 0) @ w3 + b3
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    dz = e / e.sum(axis=1, keepdims=True)
-    dz[np.arange(len(y)), y] -= 1
-    gx = (((dz @ w3.T) * (a2 > 0)) @ w2.T * (a1 > 0)) @ w1.T
-    g = np.empty_like(gx)
-    g[:, pin] = gx
-    return g
+_grad32 = mlp_grad32_permuted
 
 
 def pgd32(model, x, y, x0, eps, alpha, steps, norm):
