@@ -1,7 +1,7 @@
 """Fused PGD steps and the JSMA searches of the ``numba_cpu`` backend.
 
 ``linf_step``, ``l2_step``, ``l1_step``: one parallel pass over the images (``prange``,
-``_step_kernel``), each image's step, ball projection, box clip and ``active`` mask fused.
+``_linf_kernel`` / ``_l2_kernel`` / ``_l1_kernel``), each image's step, ball projection, box clip and ``active`` mask fused.
 Every operation is done in the reference's order and dtype (``reference.projections``:
 steepest_step, then project), so the results are the numpy backend's bit for bit:
 
@@ -350,13 +350,10 @@ def _l1_row(xa, g, x0, e, a, lo, hi, q, out):
         out[i] = _clip_box(x0[i] + xa.dtype.type(w), lo, hi)
 
 
-_LINF, _L2, _L1 = 0, 1, 2
-
-
 @njit(cache=True)
-def _step_row(kind, xa, g, x0, e, a, lo, hi, act, q, flip, out, bad):
-    """One image: count non-finite entries of g, xa, x0 into bad (the reference rejects them),
-    then the row of the chosen norm, or a copy of xa where inactive. e, a: float64."""
+def _count_bad(xa, g, x0, bad):
+    """Count the non-finite entries of g, xa, x0 (one image) into bad (3,), as the reference
+    rejects them, inactive images too); True when none was found."""
     bg = 0
     bx = 0
     b0 = 0
@@ -367,23 +364,44 @@ def _step_row(kind, xa, g, x0, e, a, lo, hi, act, q, flip, out, bad):
     bad[0] = bg
     bad[1] = bx
     bad[2] = b0
-    if not act or bg + bx + b0 > 0:
-        for i in range(xa.size):
-            out[i] = xa[i]
-    elif kind == _LINF:
-        _linf_row(xa, g, x0, xa.dtype.type(e), xa.dtype.type(a), lo, hi, out, flip)
-    elif kind == _L2:
-        _l2_row(xa, g, x0, e, a, lo, hi, out)
-    else:
-        _l1_row(xa, g, x0, e, a, lo, hi, q, out)
+    return bg + bx + b0 == 0
+
+
+# One kernel per norm, not one kernel taking the norm as a run-time argument: numba compiles
+# every branch of a function, so a shared kernel made each first use of an L-inf step also
+# compile the L1 row (a quickselect and a heapsort) and the L2 row, about twice the compile
+# time of the L-inf path alone, paid once per machine, in the first demo or test run.
+
+@njit(cache=True, parallel=True)
+def _linf_kernel(xa, g, x0, eps, alpha, lo, hi, active, q, out, bad):
+    """``_linf_row`` per image, one image per prange iteration; a copy of xa where inactive
+    or non-finite. eps, alpha: float64 (n,); q unused (one signature for the three)."""
+    for k in prange(xa.shape[0]):
+        if _count_bad(xa[k], g[k], x0[k], bad[k]) and active[k]:
+            _linf_row(xa[k], g[k], x0[k], xa.dtype.type(eps[k]), xa.dtype.type(alpha[k]), lo,
+                      hi, out[k], False)
+        else:
+            out[k, :] = xa[k]
 
 
 @njit(cache=True, parallel=True)
-def _step_kernel(kind, xa, g, x0, eps, alpha, lo, hi, active, q, out, bad):
-    """One image per prange iteration (``_step_row``). eps, alpha: float64."""
+def _l2_kernel(xa, g, x0, eps, alpha, lo, hi, active, q, out, bad):
+    """``_l2_row`` per image (as :func:`_linf_kernel`)."""
     for k in prange(xa.shape[0]):
-        _step_row(kind, xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, active[k], q, False,
-                  out[k], bad[k])
+        if _count_bad(xa[k], g[k], x0[k], bad[k]) and active[k]:
+            _l2_row(xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, out[k])
+        else:
+            out[k, :] = xa[k]
+
+
+@njit(cache=True, parallel=True)
+def _l1_kernel(xa, g, x0, eps, alpha, lo, hi, active, q, out, bad):
+    """``_l1_row`` per image (as :func:`_linf_kernel`); q: the sparsity quantile."""
+    for k in prange(xa.shape[0]):
+        if _count_bad(xa[k], g[k], x0[k], bad[k]) and active[k]:
+            _l1_row(xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, q, out[k])
+        else:
+            out[k, :] = xa[k]
 
 
 @njit(cache=True, nogil=True)
@@ -391,8 +409,11 @@ def linf_rows(xa, g, x0, eps, alpha, lo, hi, active, flip, out, bad):
     """``linf_step`` on rows (n, D) in the calling thread: the L-inf PGD step fused into the
     input-gradient pass (nn.pgd_step), while a chunk's gradient is still in cache."""
     for k in range(xa.shape[0]):
-        _step_row(_LINF, xa[k], g[k], x0[k], eps[k], alpha[k], lo, hi, active[k], 0.0, flip,
-                  out[k], bad[k])
+        if _count_bad(xa[k], g[k], x0[k], bad[k]) and active[k]:
+            _linf_row(xa[k], g[k], x0[k], xa.dtype.type(eps[k]), xa.dtype.type(alpha[k]), lo,
+                      hi, out[k], flip)
+        else:
+            out[k, :] = xa[k]
 
 
 # -- step wrappers ----------------------------------------------------------------------------
@@ -430,12 +451,12 @@ def raise_nonfinite(bad):
             raise AdvkernError(f"{name} contains {int(total[j])} NaN/Inf value(s)")
 
 
-def _step(kind, xa, g, x0, eps, alpha, lo, hi, active, q=0.0):
+def _step(kernel, xa, g, x0, eps, alpha, lo, hi, active, q=0.0):
     """Check the arguments (``step_args``), run the kernel, return the new (N, *S) array."""
     xa2, g2, x02, e, a, lo, hi, act = step_args(xa, g, x0, eps, alpha, lo, hi, active)
     out = np.empty_like(xa2)
     bad = np.zeros((len(xa2), 3), dtype=np.int64)
-    _step_kernel(kind, xa2, g2, x02, e, a, lo, hi, act, float(q), out, bad)
+    kernel(xa2, g2, x02, e, a, lo, hi, act, float(q), out, bad)
     raise_nonfinite(bad)
     return out.reshape(np.shape(x0))
 
@@ -447,7 +468,7 @@ def linf_step(xa, g, x0, eps, alpha, lo, hi, active):
     to the array dtype, as the reference does); lo < hi floats; active (N,) bool. Returns a
     new (N, *S) array, bit-for-bit ``numpy_backend.linf_step``. sign(0) = 0.
     """
-    return _step(_LINF, xa, g, x0, eps, alpha, lo, hi, active)
+    return _step(_linf_kernel, xa, g, x0, eps, alpha, lo, hi, active)
 
 
 def l2_step(xa, g, x0, eps, alpha, lo, hi, active):
@@ -457,7 +478,7 @@ def l2_step(xa, g, x0, eps, alpha, lo, hi, active):
     Shapes as :func:`linf_step`; eps and alpha are used in float64, as in the reference.
     Equal to ``numpy_backend.l2_step`` (bit for bit in the tests; float tolerance by contract).
     """
-    return _step(_L2, xa, g, x0, eps, alpha, lo, hi, active)
+    return _step(_l2_kernel, xa, g, x0, eps, alpha, lo, hi, active)
 
 
 def l1_step(xa, g, x0, eps, alpha, lo, hi, active, sparsity):
@@ -471,7 +492,7 @@ def l1_step(xa, g, x0, eps, alpha, lo, hi, active, sparsity):
     Per image: a quickselect for the quantile (O(D) expected) and a heapsort of the non-zero
     |delta| for the projection (O(D log D)).
     """
-    return _step(_L1, xa, g, x0, eps, alpha, lo, hi, active, check_sparsity(sparsity))
+    return _step(_l1_kernel, xa, g, x0, eps, alpha, lo, hi, active, check_sparsity(sparsity))
 
 
 # -- JSMA searches ----------------------------------------------------------------------------
