@@ -13,7 +13,7 @@ from _helpers import check_directional, paddings, projected, seeds
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from advkern.errors import ShapeError
+from advkern.errors import AdvkernError, ShapeError
 from advkern.experiments import vae_detect as vd
 from advkern.nets import Dense, Flatten, ReLU, Sequential, load, save
 from advkern.nets.layers import Conv2DTranspose, Reshape, layer_from_config
@@ -283,6 +283,52 @@ def test_detection_score_and_adaptive_objective_gradients(kind):
     check_directional(obj, x, g, rng, scale=abs(obj(x)), what=f"{kind} adaptive dJ/dx")
 
 
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_image_score_and_its_adaptive_objective_gradients(kind):
+    vae = _tiny_vae(kind, seed=2)
+    clf = _tiny_classifier(vae.input_shape, seed=4)
+    rng = np.random.default_rng(5)
+    # the definition, written out: each image a distribution over its pixels (with black
+    # background pixels, the floor's case)
+    x0 = rng.uniform(0.0, 1.0, (3, *vae.input_shape))
+    x0[0].reshape(-1)[:4] = 0.0
+    c = RV.IMAGE_FLOOR
+    a = x0.reshape(3, -1) + c
+    b = RV.reconstruct(vae, x0).reshape(3, -1) + c
+    p, q = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    np.testing.assert_allclose(RV.detection_score(None, vae, x0, score="image"),
+                               np.sum(p * np.log(p / q), axis=1), rtol=1e-12)
+    # gradients away from the floor (at a pixel of 0 the curvature is ~1 / c: finite
+    # differences, not the gradient, break down there)
+    x = rng.uniform(0.05, 0.95, (3, *vae.input_shape))
+    y = np.array([1, 0, 3])
+    s = RV.detection_score(None, vae, x, score="image")
+    assert (s >= 0).all() and s.max() > 1e-3
+    val, s2, g = RV.detection_score_grad(None, vae, x, score="image")
+    np.testing.assert_allclose(val, s)
+    np.testing.assert_allclose(s2, s)
+    check_directional(lambda v: RV.detection_score(None, vae, v, score="image").sum(), x, g,
+                      rng, scale=s.sum(), what=f"{kind} dS_img/dx")
+    lam = 3.0
+    val, _, g = RV.detection_score_grad(clf, vae, x, y, lam, score="image")
+
+    def obj(v):
+        ce = -log_softmax(clf.logits(v))[np.arange(3), y]
+        return (ce - lam * RV.detection_score(clf, vae, v, score="image")).sum()
+    np.testing.assert_allclose(val.sum(), obj(x), rtol=1e-12)
+    check_directional(obj, x, g, rng, scale=abs(obj(x)), what=f"{kind} adaptive image dJ/dx")
+
+
+def test_image_score_is_zero_for_a_perfect_reconstruction_and_unknown_scores_fail():
+    x = np.random.default_rng(0).uniform(0, 1, (2, 16))
+    kl, da, db = RV._kl_images(x, x.copy())
+    np.testing.assert_allclose(kl, 0, atol=1e-15)
+    np.testing.assert_allclose(da, 0, atol=1e-15)
+    np.testing.assert_allclose(db, 0, atol=1e-15)
+    with pytest.raises(AdvkernError, match="detection score"):
+        RV.detection_score(None, _tiny_vae("dense"), x.reshape(2, 1, 4, 4), score="pixels")
+
+
 def test_score_is_zero_when_the_classifier_ignores_the_image():
     vae = _tiny_vae("dense")
     clf = Sequential([Flatten(), Dense(3)], vae.input_shape,
@@ -383,10 +429,16 @@ def test_vae_detect_quick_end_to_end(tmp_path):
     # PGD eps 0.3 fools a 2-epoch 32-unit MLP on (nearly) every image
     assert saved["attacks"]["clf"]["pgd"]["success_rate"] > 0.5
     assert 0 <= det["attacks"]["pgd"]["auc"] <= 1
-    rows = saved["adaptive"][key]["rows"]
-    assert [r["lambda"] for r in rows] == [0.0, 10.0]
-    assert all(0 <= r["attack_success"] <= 1 for r in rows)
+    # the seed's literal reading: KL between the image and its reconstruction as pixel
+    # distributions (this 2-epoch VAE's blurry reconstructions are no test of its power)
+    img = saved["detectors_image"][key]
+    assert set(img["attacks"]) == {"fgsm", "pgd", "jsma", "pixel"}
+    assert 0 <= img["attacks"]["pgd"]["auc"] <= 1 and img["attacks"]["pgd"]["fpr_at_5fpr"] <= 0.05
+    for akey in ("adaptive", "adaptive_image"):
+        rows = saved[akey][key]["rows"]
+        assert [r["lambda"] for r in rows] == [0.0, 10.0]
+        assert all(0 <= r["attack_success"] <= 1 for r in rows)
     for fig in saved["figures"].values():
         assert (tmp_path / "out" / fig).stat().st_size > 1000
-    assert {"hist_clf_dense", "recon_clf_dense"} <= set(saved["figures"])
+    assert {"hist_clf_dense", "hist_clf_dense_image", "recon_clf_dense"} <= set(saved["figures"])
     assert res["targets"] == [] or all("mlp" in t["name"] for t in res["targets"])

@@ -4,7 +4,11 @@ reconstruction (seed 001), and the adaptive attack that knows the detector.
 Score (``advkern.reference.vae``): S(x) = KL(p(x) || p(r(x))) = sum_k p_k(x) (log p_k(x) -
 log p_k(r(x))), p = the classifier's softmax, r(x) = sigmoid(decoder(mu(x))) the VAE's mean
 image at the posterior mean (in (0, 1), so the seed's clip to the box changes nothing).
-High S = suspicious.
+High S = suspicious. A second detector reads the seed literally ("the KL divergence between
+the adversarial input and its generated output"): S_img(x) = KL(P_x || P_r(x)), each image
+taken as a distribution over its pixels (``reference.vae``, score 'image'). Both are
+reported side by side (``detectors`` / ``detectors_image``, ``adaptive`` /
+``adaptive_image``), each with the issue's AUC targets.
 
 Sets: negatives are the clean test images (all of them, misclassified ones included: a
 deployed detector sees those too); positives of an attack are its adversarials of images
@@ -13,7 +17,8 @@ the adversarials that matter; the AUC over every adversarial input (failed ones 
 is reported beside it. The 5%-FPR threshold is the clean score at the 95th percentile (the
 smallest clean score with at most 5% of clean scores above it).
 
-Adaptive attack (the seed's caveat): L-inf PGD from x on J(x) = CE(f(x), y) - lam * S(x)
+Adaptive attack (the seed's caveat), against each score: L-inf PGD from x on
+J(x) = CE(f(x), y) - lam * S(x)
 with sign steps, projected to the eps-ball and the box; gradients by the reference backward
 passes of the classifier (twice) and of the VAE's decoder and encoder mean. Per image the
 attacker keeps the misclassified iterate with the lowest score (the final iterate when none
@@ -59,6 +64,16 @@ LAMBDAS = ((0.0, 0.1, 0.3, 1.0, 3.0), (0.0, 0.3, 1.0))
 # adaptive PGD (full, quick); the quick form attacks only the first model
 ADAPTIVE = ({"eps": 0.3, "alpha": 0.01, "steps": 40}, {"eps": 0.3, "alpha": 0.025, "steps": 20})
 SEED_THRESHOLD = 0.3
+# the adaptive attack's lambda values against the image score (full, quick): S_img is about
+# 0.3-1.5 on these images, CE up to ~20 nats, so larger multipliers than LAMBDAS
+LAMBDAS_IMAGE = ((0.0, 1.0, 3.0, 10.0, 30.0), (0.0, 3.0, 10.0))
+# score -> (results key of its detectors, of its adaptive attack, figure name suffix)
+SCORE_KEYS = {"classifier": ("detectors", "adaptive", ""),
+              "image": ("detectors_image", "adaptive_image", "_image")}
+SCORE_LABELS = {"classifier": "KL(softmax f(x) || softmax f(r(x)))",
+                "image": "KL(P_x || P_r(x)), each image a distribution over its pixels"}
+SCORE_AXES = {"classifier": "KL(p(x) || p(r(x))) (log scale)",
+              "image": "KL(P_x || P_r(x)) over pixels (log scale)"}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -105,9 +120,10 @@ def rates(neg, pos, t):
 
 
 def adaptive_pgd(classifier, vae, x, y, lam, eps=0.3, alpha=0.01, steps=40, clip=(0.0, 1.0),
-                 batch_size=100):
-    """L-inf PGD on CE(f(x), y) - lam * S(x) (module docstring). x: (N, *image) in the box,
-    y: (N,). Returns (x_adv (N, *image), score (N,) of x_adv, misclassified (N,) bool)."""
+                 batch_size=100, score="classifier"):
+    """L-inf PGD on CE(f(x), y) - lam * S(x) (module docstring), S the detector's score
+    ('classifier' or 'image'). x: (N, *image) in the box, y: (N,). Returns (x_adv
+    (N, *image), score (N,) of x_adv, misclassified (N,) bool)."""
     from ..reference.losses import predict
     from ..reference.vae import detection_score, detection_score_grad
 
@@ -121,7 +137,7 @@ def adaptive_pgd(classifier, vae, x, y, lam, eps=0.3, alpha=0.01, steps=40, clip
         # last pass only scores x_steps
         for t in range(steps + 1):
             _, sc, g, z = detection_score_grad(classifier, vae, xa, yb, lam,
-                                               return_logits=True)
+                                               return_logits=True, score=score)
             take = (predict(z) != yb) & (sc < best_s)
             best[take], best_s[take] = xa[take], sc[take]
             if t == steps:
@@ -133,13 +149,14 @@ def adaptive_pgd(classifier, vae, x, y, lam, eps=0.3, alpha=0.01, steps=40, clip
         outs.append(best)
     x_adv = np.concatenate(outs)
     wrong = classifier.predict(x_adv) != y
-    return x_adv, detection_score(classifier, vae, x_adv), wrong
+    return x_adv, detection_score(classifier, vae, x_adv, score=score), wrong
 
 
 # ----------------------------------------------------------------------------- figures
 
 
-def histogram_figure(name, clean, attack_scores, thresholds, path):
+def histogram_figure(name, clean, attack_scores, thresholds, path,
+                     xlabel="KL(p(x) || p(r(x))) (log scale)"):
     """Score histograms, clean against each attack (one panel per attack). attack_scores:
     {label: scores of successful adversarials}; thresholds: {label: value} drawn as lines."""
     from ..figures import _plt
@@ -161,7 +178,7 @@ def histogram_figure(name, clean, attack_scores, thresholds, path):
             ax.axvline(tv, ls="--" if tl == "0.3" else ":", c="k", lw=0.8,
                        label=f"threshold {tl} ({tv:.3g})")
         ax.set_title(label, fontsize=9)
-        ax.set_xlabel("KL(p(x) || p(r(x))) (log scale)", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("images", fontsize=8)
         ax.legend(fontsize=7)
     fig.suptitle(name, fontsize=10)
@@ -216,6 +233,41 @@ def _positives(run, y, attack):
     return (info["pred"] == y) & (info["pred_adv"] != y)
 
 
+def _detector(ctx, key, score, model, vae, x, y, pred, xr, advs, clean_mse=None):
+    """One detector's statistics (score 'classifier' or 'image') on the clean images x and
+    each attack's adversarials; returns (dict, {attack: positives' scores}, 5%-FPR
+    threshold). The dict carries the clean scores under '_clean' (for the histogram; the
+    caller removes them). clean_mse: also report the reconstruction error's AUC."""
+    from ..reference.vae import detection_score
+    clean = detection_score(model, vae, x, score=score)
+    t5 = threshold_at_fpr(clean, 0.05)
+    det = {"score": SCORE_LABELS[score], "clean_accuracy": float(np.mean(pred == y)),
+           "reconstruction_accuracy": float(np.mean(model.predict(xr) == y)),
+           "reconstruction_agreement": float(np.mean(model.predict(xr) == pred)),
+           "clean_score_median": float(np.median(clean)),
+           "clean_score_p95": t5, "threshold_5fpr": t5,
+           "fpr_at_0.3": rates(clean, [], SEED_THRESHOLD)[1], "attacks": {}, "_clean": clean}
+    hist = {}
+    for attack, (xa, pos) in advs.items():
+        sa = detection_score(model, vae, xa, score=score)
+        sp = sa[pos]
+        hist[attack] = sp
+        d03, f03 = rates(clean, sp, SEED_THRESHOLD)
+        d5, f5 = rates(clean, sp, t5)
+        a = {"auc": roc_auc(clean, sp), "auc_all_adversarials": roc_auc(clean, sa),
+             "n_positives": int(len(sp)),
+             "median_score": float(np.median(sp)) if len(sp) else None,
+             "detection_at_0.3": d03, "fpr_at_0.3": f03,
+             "detection_at_5fpr": d5, "fpr_at_5fpr": f5}
+        if clean_mse is not None:
+            a["auc_reconstruction_error"] = roc_auc(clean_mse, _recon_error(vae, xa)[pos])
+        det["attacks"][attack] = a
+        ctx.log(f"  {key} {attack}, {score} score: AUC {a['auc']:.3f} (all adversarials "
+                f"{a['auc_all_adversarials']:.3f}, n={len(sp)}), detection {d03:.1%} / FPR "
+                f"{f03:.1%} at 0.3, {d5:.1%} / {f5:.1%} at {t5:.3g}")
+    return det, hist, t5
+
+
 def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
         detectors=None, sizes=None, vaes=None, lambdas=None):
     """Run the experiment (see the module docstring); returns the results dict.
@@ -228,7 +280,7 @@ def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
     from ..attacks import run_attack
     from ..nets.datasets import load_mnist
     from ..nets.vae import QUICK_RECIPES, pretrained_vae
-    from ..reference.vae import detection_score, reconstruct
+    from ..reference.vae import reconstruct
     from ._common import Context, load_models
 
     ctx = Context(NAME, SUMMARY, out, backend, quick, seed, log)
@@ -237,16 +289,18 @@ def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
     sz.update(sizes or {})
     kinds = tuple(detectors or (DETECTORS_QUICK if ctx.quick else DETECTORS_FULL))
     lams = tuple(LAMBDAS[q] if lambdas is None else lambdas)
+    lams_img = tuple(LAMBDAS_IMAGE[q] if lambdas is None else lambdas)
     nets = load_models(models, MODELS)
     xt, yt = load_mnist("test")
     n_clean = min(sz["clean"], len(xt))
     x, y = xt[:n_clean], yt[:n_clean]
 
     res = {"score": "KL(softmax f(x) || softmax f(r(x))), r(x) = sigmoid(decoder(mu(x)))",
+           "score_image": "KL(P_x || P_r(x)), P = (image + 1e-6) / its sum over pixels",
            "positives": "adversarials of correctly classified images that are misclassified "
                         "(jsma: reach the target)",
            "negatives": "all clean test images", "sizes": sz, "attacks": {}, "vaes": {},
-           "detectors": {}, "adaptive": {}}
+           "detectors": {}, "adaptive": {}, "detectors_image": {}, "adaptive_image": {}}
     vae_models = {}
     for kind in kinds:
         if vaes and kind in vaes:
@@ -285,37 +339,19 @@ def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
             key = f"{mname}/{kind}"
             ctx.stage(f"{key}: scores")
             xr = reconstruct(vae, x)
-            clean = detection_score(model, vae, x)
             clean_mse = _recon_error(vae, x)
-            t5 = threshold_at_fpr(clean, 0.05)
-            det = {"clean_accuracy": acc,
-                   "reconstruction_accuracy": float(np.mean(model.predict(xr) == y)),
-                   "reconstruction_agreement": float(np.mean(model.predict(xr) == pred)),
-                   "clean_score_median": float(np.median(clean)),
-                   "clean_score_p95": t5, "threshold_5fpr": t5,
-                   "fpr_at_0.3": rates(clean, [], SEED_THRESHOLD)[1], "attacks": {}}
-            hist = {}
-            for attack, (xa, pos) in advs.items():
-                sa = detection_score(model, vae, xa)
-                sp = sa[pos]
-                hist[attack] = sp
-                d03, f03 = rates(clean, sp, SEED_THRESHOLD)
-                d5, f5 = rates(clean, sp, t5)
-                det["attacks"][attack] = {
-                    "auc": roc_auc(clean, sp), "auc_all_adversarials": roc_auc(clean, sa),
-                    "auc_reconstruction_error": roc_auc(clean_mse, _recon_error(vae, xa)[pos]),
-                    "n_positives": int(len(sp)), "median_score": float(np.median(sp))
-                    if len(sp) else None,
-                    "detection_at_0.3": d03, "fpr_at_0.3": f03,
-                    "detection_at_5fpr": d5, "fpr_at_5fpr": f5}
-                ctx.log(f"  {key} {attack}: AUC {det['attacks'][attack]['auc']:.3f} "
-                        f"(all adversarials {det['attacks'][attack]['auc_all_adversarials']:.3f},"
-                        f" n={len(sp)}), detection {d03:.1%} / FPR {f03:.1%} at 0.3, "
-                        f"{d5:.1%} / {f5:.1%} at {t5:.3g}")
-            path = ctx.figure(f"hist_{mname}_{kind}")
-            if path:
-                histogram_figure(f"{mname} classifier, {kind} VAE: detection scores", clean,
-                                 hist, {"0.3": SEED_THRESHOLD, "5% FPR": t5}, path)
+            for score, (dkey, akey, suffix) in SCORE_KEYS.items():
+                det, hist, t5 = _detector(ctx, key, score, model, vae, x, y, pred, xr, advs,
+                                          clean_mse if score == "classifier" else None)
+                res[dkey][key] = det
+                path = ctx.figure(f"hist_{mname}_{kind}{suffix}")
+                if path:
+                    histogram_figure(f"{mname} classifier, {kind} VAE: {SCORE_LABELS[score]}",
+                                     det.pop("_clean"), hist,
+                                     {"0.3": SEED_THRESHOLD, "5% FPR": t5}, path,
+                                     xlabel=SCORE_AXES[score])
+                else:
+                    det.pop("_clean")
             path = ctx.figure(f"recon_{mname}_{kind}")
             if path:
                 xa, pos = advs["pgd"]
@@ -324,7 +360,6 @@ def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
                                        ("PGD adversarial", xa[:k]),
                                        ("its reconstruction", reconstruct(vae, xa[:k]))],
                                       path)
-            res["detectors"][key] = det
 
             # adaptive attack on the correctly classified images among the first n
             if ctx.quick and mname != _label(next(iter(nets))):
@@ -332,40 +367,46 @@ def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
             n = min(sz["adaptive"], n_clean)
             ok = pred[:n] == y[:n]
             xa_in, ya_in = x[:n][ok], y[:n][ok]
-            rows = []
-            for lam in lams:
-                ctx.stage(f"{key}: adaptive PGD lam={lam:g} on {len(xa_in)} images")
-                t0 = time.perf_counter()
-                _, sc, wrong = adaptive_pgd(model, vae, xa_in, ya_in, lam, **ADAPTIVE[q])
-                row = {"lambda": lam, "n": int(len(xa_in)),
-                       "attack_success": float(np.mean(wrong)),
-                       "detection_at_5fpr": float(np.mean(sc[wrong] > t5)) if wrong.any()
-                       else float("nan"),
-                       "detection_at_0.3": float(np.mean(sc[wrong] > SEED_THRESHOLD))
-                       if wrong.any() else float("nan"),
-                       "undetected_success": float(np.mean(wrong & (sc <= t5))),
-                       "median_score": float(np.median(sc[wrong])) if wrong.any() else None,
-                       "seconds": round(time.perf_counter() - t0, 2)}
-                ctx.log(f"  {key} adaptive lam={lam:g}: success {row['attack_success']:.1%}, "
-                        f"detected {row['detection_at_5fpr']:.1%} at 5% FPR, undetected "
-                        f"success {row['undetected_success']:.1%}")
-                rows.append(row)
-            res["adaptive"][key] = {"params": ADAPTIVE[q], "threshold_5fpr": t5, "rows": rows}
+            for score, (dkey, akey, _) in SCORE_KEYS.items():
+                t5 = res[dkey][key]["threshold_5fpr"]
+                rows = []
+                for lam in (lams if score == "classifier" else lams_img):
+                    ctx.stage(f"{key}: adaptive PGD on CE - {lam:g} x {score} score, "
+                              f"{len(xa_in)} images")
+                    t0 = time.perf_counter()
+                    _, sc, wrong = adaptive_pgd(model, vae, xa_in, ya_in, lam, score=score,
+                                                **ADAPTIVE[q])
+                    row = {"lambda": lam, "n": int(len(xa_in)),
+                           "attack_success": float(np.mean(wrong)),
+                           "detection_at_5fpr": float(np.mean(sc[wrong] > t5)) if wrong.any()
+                           else float("nan"),
+                           "detection_at_0.3": float(np.mean(sc[wrong] > SEED_THRESHOLD))
+                           if wrong.any() else float("nan"),
+                           "undetected_success": float(np.mean(wrong & (sc <= t5))),
+                           "median_score": float(np.median(sc[wrong])) if wrong.any() else None,
+                           "seconds": round(time.perf_counter() - t0, 2)}
+                    ctx.log(f"  {key} adaptive ({score} score) lam={lam:g}: success "
+                            f"{row['attack_success']:.1%}, detected "
+                            f"{row['detection_at_5fpr']:.1%} at 5% FPR, undetected success "
+                            f"{row['undetected_success']:.1%}")
+                    rows.append(row)
+                res[akey][key] = {"params": ADAPTIVE[q], "threshold_5fpr": t5, "rows": rows}
 
     # targets: the issue's AUC targets on the mlp, for each detector; what adaptive leaves
     for kind in kinds:
         key = f"mlp/{kind}"
         if key not in res["detectors"]:
             continue
-        for attack, what in (("fgsm", "FGSM eps 0.1"), ("pgd", "PGD eps 0.3")):
-            a = res["detectors"][key]["attacks"][attack]["auc"]
-            ctx.target(f"ROC AUC {what}, mlp, {kind} VAE", f"{a:.3f}", ">= 0.95",
-                       ok=bool(a >= 0.95), auc=a)
-        rows = res["adaptive"][key]["rows"]
-        worst = max(rows, key=lambda r: r["undetected_success"])
-        ctx.target(f"adaptive attack, mlp, {kind} VAE: undetected success at 5% FPR (best "
-                   f"lambda)", f"{worst['undetected_success']:.1%} at lambda "
-                   f"{worst['lambda']:g} (success {worst['attack_success']:.1%}, detected "
-                   f"{worst['detection_at_5fpr']:.1%})", "report", ok=None,
-                   rows=rows)
+        for score, (dkey, akey, _) in SCORE_KEYS.items():
+            for attack, what in (("fgsm", "FGSM eps 0.1"), ("pgd", "PGD eps 0.3")):
+                a = res[dkey][key]["attacks"][attack]["auc"]
+                ctx.target(f"ROC AUC {what}, mlp, {kind} VAE, {score} score", f"{a:.3f}",
+                           ">= 0.95", ok=bool(a >= 0.95), auc=a)
+            rows = res[akey][key]["rows"]
+            worst = max(rows, key=lambda r: r["undetected_success"])
+            ctx.target(f"adaptive attack, mlp, {kind} VAE, {score} score: undetected success "
+                       f"at 5% FPR (best lambda)", f"{worst['undetected_success']:.1%} at "
+                       f"lambda {worst['lambda']:g} (success {worst['attack_success']:.1%}, "
+                       f"detected {worst['detection_at_5fpr']:.1%})", "report", ok=None,
+                       rows=rows)
     return ctx.finish(**res)

@@ -27,6 +27,16 @@ p = softmax(f(.)), and r(x) = sigmoid(decoder(mu(x))) reshaped to the image: the
 mean image at the posterior mean (no sampling, so S is deterministic). It lies in (0, 1)
 already, so the seed's clip to the pixel box is the identity. Both log-probabilities come
 from ``losses.log_softmax`` (log-sum-exp), so S is finite and >= 0 for any logits.
+
+The seed's words ("the KL divergence between the adversarial input and its generated
+output") also read literally as a KL between the two IMAGES, each taken as a distribution
+over its D pixels (Keras' ``kullback_leibler_divergence(x, x_gen)`` on flattened images):
+
+    S_img(x) = KL(P || Q) = sum_d P_d log(P_d / Q_d),
+    P = (x + c) / sum(x + c),  Q = (r(x) + c) / sum(r(x) + c),  c = IMAGE_FLOOR = 1e-6
+
+(the floor c keeps every log finite: MNIST background pixels are exactly 0, and float32
+sigmoids underflow to 0). ``score="image"`` selects it; it needs no classifier.
 Everything keeps x's dtype; nothing modifies its arguments.
 """
 
@@ -83,7 +93,7 @@ def decode_logits(vae, z):
     return network.forward(vae.decoder, z)
 
 
-def neg_elbo(vae, x, eps, need_params=True, need_dx=False):
+def neg_elbo(vae, x, eps, need_params=True, need_dx=False, target=None):
     """Per-image negative ELBO and the gradients of its batch SUM.
 
     x: (N, *image) in [0, 1]; eps: (N, L) the reparameterization noise (fixed, so the loss
@@ -95,7 +105,7 @@ def neg_elbo(vae, x, eps, need_params=True, need_dx=False):
     mu, logvar, ecache = encode(vae, x)
     z, std = reparameterize(mu, logvar, eps)
     logits, dcache = decode_logits(vae, z)
-    rec, dlogits, dx_target = bce_with_logits(logits, _flat(x))
+    rec, dlogits, dx_target = bce_with_logits(logits, _flat(x if target is None else target))
     kl, dmu_kl, dlogvar_kl = kl_standard_normal(mu, logvar)
     dz, dec_grads = network.backward(vae.decoder, dlogits, dcache, need_params=need_params)
     # z = mu + std * eps: dz/dmu = 1, dz/dlogvar = eps * std / 2.
@@ -138,50 +148,108 @@ def _kl_logits(zx, zr):
     return np.maximum(kl, 0), dzx, dzr
 
 
-def detection_score(classifier, vae, x, batch_size=500):
-    """S(x) = KL(softmax f(x) || softmax f(r(x))) per image (see the module docstring).
+IMAGE_FLOOR = 1e-6
+SCORES = ("classifier", "image")
+
+
+def _kl_images(a, b, floor=IMAGE_FLOOR):
+    """KL(P || Q) per row between images a, b (N, D) >= 0 taken as pixel distributions,
+    P = (a + c) / sum(a + c), Q = (b + c) / sum(b + c), c = floor; and its gradients.
+
+    Returns kl (N,), da (N, D) = (log(P / Q) - KL) / A, db (N, D) = (1 - P / Q) / B, with
+    A, B the row sums of a + c, b + c. (dKL/dP_i = log(P_i / Q_i) + 1 and
+    dP_i/da_j = (delta_ij - P_i) / A, so dKL/da_j = (log(P_j / Q_j) + 1 - sum_i P_i
+    (log(P_i / Q_i) + 1)) / A; likewise dKL/dQ_i = -P_i / Q_i with sum_i Q_i P_i / Q_i = 1.)
+    """
+    a, b = a + floor, b + floor
+    sa, sb = a.sum(axis=1, keepdims=True), b.sum(axis=1, keepdims=True)
+    p, q = a / sa, b / sb
+    lr = np.log(p) - np.log(q)
+    kl = np.sum(p * lr, axis=1)
+    return np.maximum(kl, 0), (lr - kl[:, None]) / sa, (1 - p / q) / sb
+
+
+def _check_score(score):
+    if score not in SCORES:
+        from ..errors import AdvkernError
+        raise AdvkernError(f"unknown detection score {score!r}: use one of {SCORES}")
+
+
+def detection_score(classifier, vae, x, batch_size=500, score="classifier"):
+    """Per image (see the module docstring): score 'classifier', S(x) = KL(softmax f(x) ||
+    softmax f(r(x))); score 'image', S_img(x) = KL(P_x || P_r(x)) between the pixel
+    distributions of x and r(x) (classifier unused, may be None).
 
     classifier: a Sequential; x: (N, *image) -> (N,) in x's dtype.
     """
+    _check_score(score)
     out = []
     for s in range(0, len(x), batch_size):
         xb = x[s: s + batch_size]
+        if score == "image":
+            out.append(_kl_images(_flat(xb), _flat(reconstruct(vae, xb)))[0])
+            continue
         zx = network.forward(classifier, xb)[0]
         zr = network.forward(classifier, reconstruct(vae, xb))[0]
         out.append(_kl_logits(zx, zr)[0])
-    return np.concatenate(out) if out else np.zeros(0, x.dtype)
+    return np.concatenate(out).astype(x.dtype, copy=False) if out else np.zeros(0, x.dtype)
 
 
-def detection_score_grad(classifier, vae, x, y=None, lam=1.0, return_logits=False):
+def detection_score_grad(classifier, vae, x, y=None, lam=1.0, return_logits=False,
+                         score="classifier"):
     """The adaptive attacker's objective J = CE(f(x), y) - lam * S(x) per image and dJ/dx.
 
-    With y None, J = S(x) (lam ignored) and dx = dS/dx. x: (N, *image); y: (N,) labels.
-    Returns (J (N,), S (N,), dx (N, *image)), dx the gradient of sum_n J_n, and with
-    return_logits the classifier's logits f(x) (N, K) as a fourth item.
-    S depends on x through f(x) and through f(r(x)), r = sigmoid(dec(mu(x))):
-    dS/dx = f'(x)^T dzx + mu'(x)^T dec'(mu)^T (r (1 - r) * f'(r)^T dzr), four reference
-    backward passes (classifier twice, decoder, encoder with a zero logvar gradient).
+    With y None, J = S(x) (lam ignored) and dx = dS/dx. x: (N, *image); y: (N,) labels;
+    score: 'classifier' or 'image' (``detection_score``). Returns (J (N,), S (N,),
+    dx (N, *image)), dx the gradient of sum_n J_n, and with return_logits the classifier's
+    logits f(x) (N, K) as a fourth item.
+    S depends on x directly (through f(x), or the pixels of x) and through r = sigmoid(
+    dec(mu(x))): classifier score, dS/dx = f'(x)^T dzx + mu'(x)^T dec'(mu)^T (r (1 - r) *
+    f'(r)^T dzr), four reference backward passes (classifier twice, decoder, encoder with
+    a zero logvar gradient); image score, dS/dx = da + mu'(x)^T dec'(mu)^T (r (1 - r) * db)
+    (``_kl_images``), two (decoder, encoder), plus the classifier's for the CE term.
     """
-    zx, ccx = network.forward(classifier, x)
+    _check_score(score)
+    need_clf = score == "classifier" or y is not None or return_logits
+    if need_clf:
+        zx, ccx = network.forward(classifier, x)
     mu, logvar, ecache = encode(vae, x)
     logits, dcache = decode_logits(vae, mu)
     r = np.exp(-np.logaddexp(0, -logits)).astype(x.dtype, copy=False)
-    zr, ccr = network.forward(classifier, r.reshape(x.shape))
-    s, dzx, dzr = _kl_logits(zx, zr)
+    if score == "classifier":
+        zr, ccr = network.forward(classifier, r.reshape(x.shape))
+        s, dzx, dzr = _kl_logits(zx, zr)
+    else:
+        s, dpix, dr_flat = _kl_images(_flat(x), r)
+        dzx = None
     if y is None:
-        value, wx, wr = s, dzx, dzr
+        value, wx = s, dzx
+        wr = dzr if score == "classifier" else dr_flat
+        wpix = None if score == "classifier" else dpix
     else:
         from .losses import cross_entropy
         ce, dce = cross_entropy(zx, y)
-        value, wx, wr = ce - lam * s, dce - lam * dzx, -lam * dzr
-    dr, _ = network.backward(classifier, wr.astype(x.dtype, copy=False), ccr, need_params=False)
-    dlog = _flat(dr) * r * (1 - r)
+        value = ce - lam * s
+        if score == "classifier":
+            wx, wr, wpix = dce - lam * dzx, -lam * dzr, None
+        else:
+            wx, wr, wpix = dce, -lam * dr_flat, -lam * dpix
+    if score == "classifier":
+        dr, _ = network.backward(classifier, wr.astype(x.dtype, copy=False), ccr,
+                                 need_params=False)
+        dlog = _flat(dr) * r * (1 - r)
+    else:
+        dlog = (wr * r * (1 - r)).astype(x.dtype, copy=False)
     dmu, _ = network.backward(vae.decoder, dlog, dcache, need_params=False)
     dh = np.concatenate([dmu, np.zeros_like(logvar)], axis=1)
-    dx_vae, _ = network.backward(vae.encoder, dh, ecache, need_params=False)
-    dx_clf, _ = network.backward(classifier, wx.astype(x.dtype, copy=False), ccx,
-                                 need_params=False)
+    dx, _ = network.backward(vae.encoder, dh, ecache, need_params=False)
+    if wx is not None:
+        dx = dx + network.backward(classifier, wx.astype(x.dtype, copy=False), ccx,
+                                   need_params=False)[0]
+    if wpix is not None:
+        dx = dx + wpix.reshape(x.shape).astype(x.dtype, copy=False)
+    value, s = value.astype(x.dtype, copy=False), s.astype(x.dtype, copy=False)
     if return_logits:
-        return value, s, dx_clf + dx_vae, zx
-    return value, s, dx_clf + dx_vae
+        return value, s, dx, zx
+    return value, s, dx
 
