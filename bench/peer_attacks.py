@@ -7,8 +7,20 @@ speed ratio. Settings are matched where both libraries have them:
 
 - MI-FGSM: eps 0.3, 40 steps, alpha eps / 40, decay 1.0 (both);
 - DeepFool: L2, overshoot 0.02, at most 50 steps (both; torchattacks loops over images);
-- C&W L2: advkern's 9 binary-search rounds x 100 Adam steps (lr 0.1) against torchattacks'
-  single c = 1, 100 steps, lr 0.01 (it has no binary search), kappa 0.
+- C&W L2 ("cw"): advkern's 9 binary-search rounds x 100 Adam steps (lr 0.1) against
+  torchattacks' single c = 1, 100 steps, lr 0.01 (it has no binary search), kappa 0; and
+  like for like ("cw 1x100"): advkern with torchattacks' settings (one c = 1, 100 steps,
+  lr 0.01, kappa 0; both stop early when the loss stops falling).
+
+Both libraries attack the same n images, except torchattacks' DeepFool (n_peer: it loops
+over images in Python, ~50 ms each).
+
+The GEMM bound (MI-FGSM, "cw 1x100"): the attack's matrix products, steps x (forward +
+input-gradient backward) = 2 x steps x fwd FLOPs per image (``bench.flops``), at the
+float32 rate ``np.dot`` reaches on this model's own GEMM shapes at batch n
+(``flops.model_rate``). No implementation that does these products runs faster than
+bound_s, so torchattacks_s / bound_s is the largest speed-up over torchattacks that any
+CPU implementation can show on this machine ("max x").
 
 torch and torchattacks are imported only here; advkern runs on the ``auto`` backend (or
 ``--backend``). Writes ``bench/results/<stamp>-peer-attacks.{json,md}``.
@@ -28,7 +40,7 @@ import advkern
 from advkern import kernels
 from advkern.nets.datasets import load_mnist
 
-from . import torch_pgd
+from . import flops, torch_pgd
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -62,39 +74,56 @@ def run(n=100, n_peer=20, repeats=2, backend="auto"):
         model = advkern.pretrained(name)
         net = torch_pgd.build(torch, model)
         ok = model.predict(x[:n]) == y[:n]
-        tx = torch.from_numpy(np.ascontiguousarray(x[:n_peer]))
-        ty = torch.from_numpy(y[:n_peer].astype(np.int64))
+        # (label, advkern attack, its parameters, torchattacks' attack, gradient steps per
+        # image for the GEMM bound (None: no fixed count))
         cases = [
-            ("mifgsm", {"eps": 0.3, "steps": 40, "decay": 1.0},
-             lambda: torchattacks.MIFGSM(net, eps=0.3, alpha=0.3 / 40, steps=40, decay=1.0)),
-            ("deepfool", {"overshoot": 0.02, "max_iter": 50},
-             lambda: torchattacks.DeepFool(net, steps=50, overshoot=0.02)),
-            ("cw", {},
-             lambda: torchattacks.CW(net, c=1, kappa=0, steps=100, lr=0.01)),
+            ("mifgsm", "mifgsm", {"eps": 0.3, "steps": 40, "decay": 1.0},
+             lambda: torchattacks.MIFGSM(net, eps=0.3, alpha=0.3 / 40, steps=40, decay=1.0),
+             40),
+            ("deepfool", "deepfool", {"overshoot": 0.02, "max_iter": 50},
+             lambda: torchattacks.DeepFool(net, steps=50, overshoot=0.02), None),
+            ("cw", "cw", {},
+             lambda: torchattacks.CW(net, c=1, kappa=0, steps=100, lr=0.01), None),
+            ("cw 1x100", "cw", {"initial_const": 1.0, "search_steps": 1, "steps": 100,
+                                "lr": 0.01, "kappa": 0.0},
+             lambda: torchattacks.CW(net, c=1, kappa=0, steps=100, lr=0.01), 100),
         ]
-        for attack, kw, make in cases:
+        rate = flops.model_rate(model, n)
+        for label, attack, kw, make, steps in cases:
+            m = n_peer if attack == "deepfool" else n
+            tx = torch.from_numpy(np.ascontiguousarray(x[:m]))
+            ty = torch.from_numpy(y[:m].astype(np.int64))
             sec, r = _timed(lambda: advkern.attack(model, x[:n], y[:n], attack,
                                                    backend=backend, **kw), repeats)
             ours = _stats(x[:n], r.x_adv, ok, model.predict(r.x_adv) != y[:n])
             atk = make()
-            psec, adv = _timed(lambda: atk(tx, ty).detach().numpy(), 1)
-            ok_p = ok[:n_peer]
-            theirs = _stats(x[:n_peer], adv, ok_p, model.predict(adv) != y[:n_peer])
-            ours_p = _stats(x[:n_peer], r.x_adv[:n_peer], ok_p,
-                            model.predict(r.x_adv[:n_peer]) != y[:n_peer])
-            row = {"model": name, "attack": attack, "backend": backend,
-                   "ms_per_image": 1e3 * sec / n, "torchattacks_ms_per_image": 1e3 * psec / n_peer,
-                   "speedup": (psec / n_peer) / (sec / n),
+            psec, adv = _timed(lambda: atk(tx, ty).detach().numpy(), 1 if m < n else repeats)
+            ok_p = ok[:m]
+            theirs = _stats(x[:m], adv, ok_p, model.predict(adv) != y[:m])
+            ours_p = _stats(x[:m], r.x_adv[:m], ok_p, model.predict(r.x_adv[:m]) != y[:m])
+            row = {"model": name, "attack": label, "backend": backend, "params": kw,
+                   "ms_per_image": 1e3 * sec / n, "torchattacks_ms_per_image": 1e3 * psec / m,
+                   "speedup": (psec / m) / (sec / n),
                    "success": ours[0], "median_l2": ours[1],
                    "success_same_images": ours_p[0], "median_l2_same_images": ours_p[1],
                    "torchattacks_success": theirs[0], "torchattacks_median_l2": theirs[1],
-                   "images": n, "torchattacks_images": n_peer}
+                   "images": n, "torchattacks_images": m}
+            if steps:
+                gf = 2 * steps * flops.fwd(model)            # GEMM FLOPs per image
+                bound = gf / (rate * 1e9)                     # s per image
+                row.update({"gemm_gflop_per_image": gf / 1e9, "np_dot_gflops": rate,
+                            "gemm_bound_ms_per_image": 1e3 * bound,
+                            "advkern_gflops": gf * n / sec / 1e9,
+                            "torchattacks_gflops": gf * m / psec / 1e9,
+                            "max_speedup_over_torchattacks": (psec / m) / bound})
             rows.append(row)
-            print(f"{name:4s} {attack:9s} advkern {row['ms_per_image']:8.2f} ms/img "
+            bound_txt = (f"   GEMM bound {row['gemm_bound_ms_per_image']:.2f} ms/img "
+                         f"(max x{row['max_speedup_over_torchattacks']:.2g})" if steps else "")
+            print(f"{name:4s} {label:9s} advkern {row['ms_per_image']:8.2f} ms/img "
                   f"(success {ours[0]:.0%}, median L2 {ours[1]:.3f})   torchattacks "
                   f"{row['torchattacks_ms_per_image']:9.2f} ms/img (success {theirs[0]:.0%}, "
-                  f"median L2 {theirs[1]:.3f} on {n_peer}; ours there {ours_p[0]:.0%}, "
-                  f"{ours_p[1]:.3f})   x{row['speedup']:.2g}", flush=True)
+                  f"median L2 {theirs[1]:.3f} on {m}; ours there {ours_p[0]:.0%}, "
+                  f"{ours_p[1]:.3f})   x{row['speedup']:.2g}{bound_txt}", flush=True)
     return rows, {"torch": torch.__version__, "torchattacks": torchattacks.__version__,
                   "threads": torch_pgd.THREADS}
 
@@ -115,6 +144,19 @@ def markdown(rows, meta, stamp):
             f"{r['torchattacks_success']:.0%} / {r['torchattacks_median_l2']:.3f} "
             f"(ours {r['success_same_images']:.0%} / {r['median_l2_same_images']:.3f}, "
             f"{r['torchattacks_images']} img) |")
+    bound = [r for r in rows if "gemm_bound_ms_per_image" in r]
+    if bound:
+        lines += ["", "GEMM bound (see the module docstring): the attack's matrix products at "
+                  "the float32 rate np.dot reaches on the model's own GEMM shapes.", "",
+                  "| model | attack | GFLOP/img | np.dot GFLOP/s | bound ms/img | advkern "
+                  "GFLOP/s | torchattacks GFLOP/s | max x over torchattacks |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in bound:
+            lines.append(
+                f"| {r['model']} | {r['attack']} | {r['gemm_gflop_per_image']:.3f} | "
+                f"{r['np_dot_gflops']:.1f} | {r['gemm_bound_ms_per_image']:.2f} | "
+                f"{r['advkern_gflops']:.1f} | {r['torchattacks_gflops']:.1f} | "
+                f"{r['max_speedup_over_torchattacks']:.2g} |")
     return "\n".join(lines) + "\n"
 
 
