@@ -572,10 +572,13 @@ def cmd_experiment(args):
 
     from . import experiments
 
+    from ._threads import single_threaded_blas
+
     mod = experiments.get(args.name)
     out = None if args.no_report else (args.out or os.path.join("advkern-report", args.name))
-    res = mod.run(models=args.model, out=out, backend=_backend_arg(args), quick=args.quick,
-                  seed=args.seed)
+    with single_threaded_blas():
+        res = mod.run(models=args.model, out=out, backend=_backend_arg(args), quick=args.quick,
+                      seed=args.seed)
     if args.json:
         from .experiments._common import _json_default
         print(json.dumps(res, default=_json_default))
@@ -593,10 +596,13 @@ def cmd_experiment(args):
 
 
 def cmd_demo(args):
+    from ._threads import single_threaded_blas
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args),
-                    out=None if args.no_report else args.out, experiments=args.experiments)
+    with single_threaded_blas():
+        return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args),
+                        out=None if args.no_report else args.out,
+                        experiments=args.experiments)
 
 
 # ----------------------------------------------------------------------------- parser
