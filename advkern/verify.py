@@ -23,13 +23,53 @@ is a tie, in this order of classes:
 - ``propagated``: (several steps, not mifgsm) the sign of the feature's float64 gradient
   differs between our trajectory and a shadow one that takes the other branch of every tie
   so far. A candidate that took some of those branches has another state from then on, and
-  L-inf projects feature by feature, so a feature's value is decided by its own signs. This
-  explains most, not all, of the divergence after a tie: on 40 images, L-inf PGD eps 0.1,
-  10 steps, a float32 candidate in plain NumPy had 628 of 636 differences explained (8
-  unexplained; 608 without this class).
+  L-inf projects feature by feature, so a feature's value is decided by its own signs. The
+  shadow is one of the trajectories a candidate can follow, not the candidate's: see
+  ``branch``;
+- ``branch``: (several steps, not mifgsm; given the candidate's result) the candidate's value
+  of the feature is where a *legitimate trajectory* ends: one that steps by the sign of the
+  float64 gradient at its own state, except at the ties of that state (the classes zero,
+  saturated, rounding and near_zero, evaluated there), where it may take either branch. A
+  float32 implementation follows such a trajectory: its signs differ from float64's only at
+  the ties of its own state (checked on the candidates measured below: of 16341 signs that
+  differ from float64's along their trajectories, all but 9 are such ties, and those 9 come
+  from one ReLU kink). The ``propagated`` shadow is not enough: once the candidate took one
+  tie the other way, its later gradients differ from ours, and the shadow, having also
+  taken the ties the candidate kept, is elsewhere. On the verify tests' 40 images (the first
+  setting below), image 19: the candidate takes the tie of pixel 99 at step 0 (|g| 1.4e-8,
+  max |g| 2.5e-4) the other way and is then float64-exact at its own states; at step 7 its
+  signs differ from ours on 10 pixels; the shadow, which also flipped pixel 254 at step 0,
+  82 at step 1, 231 at step 6 and 474 at step 7, keeps our signs on 3 of them (186, 434,
+  549), which stay unexplained without this class.
 
-A feature counts in the first class it falls in, on any step of the trajectory (``kink``
-below is for L2 steps only).
+  Which branches a candidate took cannot be read from its result (a flip on a pixel that
+  the box then clips leaves no trace there, but changes the later gradients), so a beam
+  search looks for them, on each image with differences that no other class explains: from
+  two roots (every tie on our branch; or on the candidate's side of our result where its
+  feature ends on one), each round puts one more tie of each kept trajectory on its other
+  branch and keeps the _BEAM children that end closest to the candidate (the fewest
+  features off by more than atol + 4 * steps * eps of the candidate's dtype, the rounding
+  of its state), even when farther than their parents (a tie taken the other way can need
+  a later one to lead back to the candidate); it stops at a trajectory that ends at the
+  candidate, after _PATIENCE rounds without a closer one, or after _ROUNDS. The features
+  where the closest trajectory found ends at the candidate's value are this class. Every
+  trajectory searched is one that float32 rounding can produce, so a wrong pixel stays
+  unexplained unless such a trajectory ends at its value; a search that misses the
+  candidate's branches leaves differences unexplained (verify then disagrees on an honest
+  candidate, never the reverse).
+
+  Measured on the bundled mlp, L-inf PGD with a random start drawn by the candidate (given
+  as x_start), a float32 candidate in plain NumPy (permuted summation orders, softmax as exp
+  / sum), 2 x 200 test images and 5 settings (eps/alpha/steps 0.1/0.01/10 with two starts,
+  0.3/0.03/20, 0.05/0.005/10, 0.1/0.02/10): 8716 differences, 301 unexplained without this
+  class, 7 with it (one image whose branches the search did not find: 5 ties in 20 steps,
+  none of which taken alone brings the trajectory closer; one whose candidate crossed a ReLU
+  kink on a sign step, a pre-activation 2.6e-7 from 0, which no sign class covers; one
+  pixel of a third). On the tests' 40 images with 12 starts, every difference is explained
+  (on 5 of the 12 starts without this class).
+
+A feature counts in the first class it falls in, on any step of the trajectory (``branch``
+is decided by the end point; ``kink`` below is for L2 steps only).
 
 L2 steps (fgm, pgd with norm l2): x <- proj(x + alpha g / ||g||_2). There is no sign
 discontinuity: a float32 candidate drifts from the exact trajectory by accumulated rounding,
@@ -68,7 +108,7 @@ classes are decided per image and the test is a bound. The trajectory is replaye
   gradient jumps by that unit's contribution, and the other branch is as legitimate as
   ours. The step with those units flipped is computed; its difference from ours joins e_t,
   and shadow 0 follows the flipped branch (shadow 1 at random), so B covers both branches;
-- ``near_zero``: not used (there is no sign to tie).
+- ``near_zero``, ``propagated``, ``branch``: not used (there is no sign to tie).
 
 Measured on the bundled mlp, L2 PGD eps 2, alpha 0.2, 20 steps, 500 test images, a float32
 candidate in plain NumPy (permuted summation orders, softmax as exp / sum): 10-14% of the
@@ -97,25 +137,45 @@ from .reference.projections import (_col, check_norm, clip_box, l2_norms, per_sa
                                     project, steepest_step)
 
 
-TIE_CLASSES = ("zero", "saturated", "rounding", "kink", "near_zero", "propagated")
+TIE_CLASSES = ("zero", "saturated", "rounding", "kink", "near_zero", "propagated",
+               "branch")
 _EPS32 = float(np.finfo(np.float32).eps)
 _SAFETY = 4.0        # B's factor over the estimated float32 error
 _OBS = 4.0           # G's factor over our own float32 pass's gradient error
 _SOFTMAX = 2.0       # eps32's of absolute error on softmax - onehot's large entries
 _SHADOWS = 2
 _KINK_DRIFT = 0.25   # of the shadows' drift, in the reach of a ReLU kink
+_BEAM = 8            # trajectories the branch search keeps per image
+_ROUNDS = 12         # its rounds: each puts one more tie on its other branch
+_PATIENCE = 2        # rounds without a closer trajectory before an image's search stops
+_TRIES = 128         # ties tried per kept trajectory and round (the earliest ones)
+_CHUNK = 2048        # trajectories run together (bounds the search's memory)
 
 
 def _saturated(model, x64, labels, loss):
     """(N,) bool: float32 computes this image's loss gradient from rounding noise."""
     if loss != "ce":
         return np.zeros(len(x64), dtype=bool)
-    from .reference.losses import log_softmax
     z = network.forward(model.astype(np.float64) if model.dtype != np.float64 else model,
                         x64)[0]
-    logp = log_softmax(z)[np.arange(len(x64)), labels]
+    return _saturated_logits(z, labels)
+
+
+def _saturated_logits(z, labels):
+    """(N,) bool: _saturated from the float64 logits z (N, K) of a cross-entropy loss."""
+    from .reference.losses import log_softmax
+    logp = log_softmax(z)[np.arange(len(z)), labels]
     # 1 - p_label < 64 eps32, computed as -expm1(logp) so it does not round to 0 itself
     return -np.expm1(logp) < 64 * _EPS32
+
+
+def _rounding(g64, g32, label_row=None):
+    """(N, D) bool: the ``rounding`` class of a sign (module docstring) from the float64 and
+    our float32 gradient (N, D) at one state and, for a cross-entropy loss, |d z_label/dx|."""
+    tie = (np.abs(g64) <= 4 * np.abs(g32 - g64)) | (np.sign(g32) != np.sign(g64))
+    if label_row is not None:
+        tie |= np.abs(g64) <= 8 * _EPS32 * label_row
+    return tie
 
 
 def _logit_row(m64, x64, labels, signed=False):
@@ -242,9 +302,14 @@ def replay_pgd(model, x, st, x0):
 # -- sign steps ---------------------------------------------------------------------------
 
 
-def _tie_masks(model, x, st, tie_rtol, cand_dtype=np.float64, x0=None):
+def _tie_masks(model, x, st, tie_rtol, cand_dtype=np.float64, x0=None, cand=None, ref=None,
+               atol=1e-6):
     """{class: (N, D) bool} of features at a tie of sign(grad) on the reference trajectory
-    (each feature in its first class)."""
+    (each feature in its first class).
+
+    cand, ref: the candidate's and our final points (N, ...), for the ``branch`` class (the
+    search for the candidate's branches, several steps without momentum); without them that
+    class is empty. atol: compare's threshold of a difference."""
     labels, sign, loss, decay = st["labels"], st["sign"], st["loss"], st["decay"]
     f32 = np.dtype(cand_dtype) == np.float32
     m64 = model.astype(np.float64) if model.dtype != np.float64 else model
@@ -256,6 +321,7 @@ def _tie_masks(model, x, st, tie_rtol, cand_dtype=np.float64, x0=None):
     # three (ours in x's dtype, float64, float32) accumulated from its own gradients
     mom = {k: np.zeros((n, d)) for k in ("g", "g64", "g32")} if decay is not None else None
     shadow = xa.astype(np.float64) if mom is None and st["steps"] > 1 else None
+    ours = [] if shadow is not None and cand is not None else None   # our signs, (T, N, D)
     for _ in range(st["steps"]):
         _, g = network.loss_and_input_grad(model, xa, labels, loss)
         x64 = xa.astype(np.float64)
@@ -275,10 +341,8 @@ def _tie_masks(model, x, st, tie_rtol, cand_dtype=np.float64, x0=None):
                 mom["g32"] = momentum_update(sign * g32, mom["g32"], decay)
                 g32 = sign * mom["g32"]
             step["saturated"] = np.repeat(_saturated(model, x64, labels, loss)[:, None], d, 1)
-            step["rounding"] = (np.abs(g64) <= 4 * np.abs(g32 - g64)) | \
-                (np.sign(g32) != np.sign(g64))
-            if loss == "ce" and mom is None:
-                step["rounding"] |= np.abs(g64) <= 8 * _EPS32 * _label_row(m64, x64, labels)
+            step["rounding"] = _rounding(g64, g32, _label_row(m64, x64, labels)
+                                         if loss == "ce" and mom is None else None)
         if shadow is not None:
             # the trajectory that takes the other branch of every tie so far: where its
             # gradient's sign differs from ours, a candidate that took some of those branches
@@ -294,13 +358,154 @@ def _tie_masks(model, x, st, tie_rtol, cand_dtype=np.float64, x0=None):
                               x.astype(np.float64), st)
         for c in step:
             found[c] |= step[c]
+        if ours is not None:
+            ours.append(np.sign(sign * g.reshape(n, -1)).astype(np.int8))
         # the reference's own step (alpha * sign, in x's dtype) and ball-then-box
         xa = _project(xa + steepest_step(sign * g, st["alpha"], "linf"), x, st)
     taken = np.zeros((n, d), dtype=bool)
     for c in TIE_CLASSES:               # each feature in its first class
         found[c] &= ~taken
         taken |= found[c]
+    if ours is not None:
+        c64 = np.asarray(cand, dtype=np.float64).reshape(n, -1)
+        dc = c64 - np.asarray(ref, dtype=np.float64).reshape(n, -1)
+        with np.errstate(invalid="ignore"):
+            differ = ~(np.abs(dc) <= atol)
+        imgs = np.flatnonzero((differ & ~taken).any(axis=1) & np.isfinite(c64).all(axis=1))
+        if imgs.size:
+            # the search's end points are float64; the candidate's carry its dtype's rounding
+            # of the state, a few of its epsilons per step
+            lo, hi = st["box"]
+            tol = atol + _SAFETY * st["steps"] * float(np.finfo(cand_dtype).eps) * \
+                (max(1.0, abs(lo), abs(hi)) + float(st["alpha"].max(initial=0.0)))
+            side = np.where(differ, np.sign(dc), 0.0)
+            match = _branch_search(m64, m32, x, st, x0, np.array(ours), c64, side, imgs, f32,
+                                   tie_rtol, tol)
+            found["branch"][imgs] = match & differ[imgs] & ~taken[imgs]
     return found
+
+
+def _state_ties(m64, m32, xs, labels, loss, tie_rtol, f32):
+    """At float64 states xs (R, ...): the float64 loss gradient dJ/dx (R, D) and its features
+    (R, D) bool where float32 can take either sign, by the classes zero, saturated, rounding
+    and near_zero of the module docstring, evaluated at xs (not on our trajectory)."""
+    r = len(xs)
+    g, z, caches, _ = _forward(m64, xs, labels, loss, 1.0)
+    a = np.abs(g)
+    tie = (g == 0) | (a <= tie_rtol * a.max(axis=1, keepdims=True))
+    if f32:
+        g32 = _forward(m32, xs.astype(np.float32), labels, loss, 1.0)[0].astype(np.float64)
+        ce = loss == "ce"
+        tie |= _rounding(g, g32, np.abs(_seed_rows(m64, z, caches, labels)) if ce else None)
+        if ce:
+            tie |= _saturated_logits(z, labels)[:, None]
+    return g.reshape(r, -1), tie
+
+
+def _branch_run(m64, m32, x, st, x0, rows, ours, side, use_side, flips, f32, tie_rtol,
+                keep_ties=False):
+    """Legitimate trajectories (module docstring, ``branch``) in float64 from x0, one per row:
+    rows (R,) image indices, use_side (R,) bool (the default branch at a tie: the candidate's
+    side where it shows one, else ours; or always ours), flips: R sets of (step, feature)
+    whose tie takes the other branch than the default. ours: our signs (T, N, D), side: the
+    candidate's side of our end point (N, D), -1, 0 or 1.
+
+    Returns the end points (R, D) and, with keep_ties, each row's ties as (K, 2) (step,
+    feature) arrays, in step order."""
+    n_rows, shape = len(rows), (len(rows),) + x.shape[1:]
+    sub = dict(st, labels=st["labels"][rows], y=st["y"][rows], e=st["e"][rows],
+               alpha=st["alpha"][rows])
+    xr = x[rows].astype(np.float64)
+    s = np.array(x0 if x0 is not None else x, dtype=np.float64)[rows]
+    sd = np.where(use_side[:, None], side[rows], 0.0)
+    by_step = [([], []) for _ in range(st["steps"])]
+    for k, f in enumerate(flips):
+        for t, j in f:
+            by_step[t][0].append(k)
+            by_step[t][1].append(j)
+    active = np.ones(n_rows, dtype=bool)
+    ties = [[] for _ in range(n_rows)] if keep_ties else None
+    for t in range(st["steps"]):
+        if st["early_stop"]:
+            active &= ~_adversarial(m64, s, sub)
+            if not active.any():
+                break
+        g, tie = _state_ties(m64, m32, s, sub["labels"], st["loss"], tie_rtol, f32)
+        tie &= active[:, None]
+        b = np.where(sd != 0, sd, ours[t][rows])
+        k, j = by_step[t]
+        b[k, j] = np.where(b[k, j] == 0, 1.0, -b[k, j])
+        ds = np.where(tie, b, np.sign(st["sign"] * g))
+        if keep_ties:
+            for k, j in zip(*np.nonzero(tie)):
+                ties[k].append((t, j))
+        sn = _project(s + (_col(sub["alpha"], 2) * ds).reshape(shape), xr, sub)
+        s = np.where(_col(active, x.ndim), sn, s)
+    if keep_ties:
+        ties = [np.array(tk, dtype=np.int64).reshape(-1, 2) for tk in ties]
+    return s.reshape(n_rows, -1), ties
+
+
+def _branch_search(m64, m32, x, st, x0, ours, cand, side, imgs, f32, tie_rtol, tol):
+    """For each image of imgs (M,): the legitimate trajectory closest to the candidate that a
+    beam search over its ties' branches finds (module docstring, ``branch``). Returns (M, D)
+    bool: the features where that trajectory ends within tol of the candidate (N, D)."""
+    def run(entries, keep_ties):
+        """[(image, use_side, flips)] -> end points (R, D) (and ties), in chunks."""
+        ends, ties = [], []
+        for a in range(0, len(entries), _CHUNK):
+            part = entries[a:a + _CHUNK]
+            e, tk = _branch_run(m64, m32, x, st, x0, np.array([p[0] for p in part]), ours,
+                                side, np.array([p[1] for p in part]), [p[2] for p in part],
+                                f32, tie_rtol, keep_ties)
+            ends.append(e)
+            ties += tk or []
+        return np.concatenate(ends), ties
+
+    def misses(i, end):
+        return int((~(np.abs(end - cand[i]) <= tol)).sum())
+
+    # the two roots: every tie on our branch, and on the candidate's side where it shows one
+    roots = [(i, u, frozenset()) for i in imgs for u in (False, True)]
+    ends, ties = run(roots, True)
+    beams, seen, best = {i: [] for i in imgs}, {i: set() for i in imgs}, {}
+    for (i, u, f), e, tk in zip(roots, ends, ties):
+        m = misses(i, e)
+        beams[i].append((u, f, tk))
+        seen[i].add(hash(e.tobytes()))
+        if i not in best or m < best[i][0]:
+            best[i] = (m, e)
+    idle = {i: 0 for i in imgs}
+    for _ in range(_ROUNDS):
+        live = [i for i in imgs if best[i][0] and idle[i] < _PATIENCE and beams[i]]
+        tries = [(i, u, f | {(int(t), int(j))}) for i in live for u, f, tk in beams[i]
+                 for t, j in [p for p in tk if (int(p[0]), int(p[1])) not in f][:_TRIES]]
+        if not tries:
+            break
+        ends, _ = run(tries, False)
+        kids = {i: [] for i in live}
+        for (i, u, f), e in zip(tries, ends):
+            key = hash(e.tobytes())
+            if key not in seen[i]:          # another flip set, the same end: nothing new
+                seen[i].add(key)
+                kids[i].append((misses(i, e), u, f, e))
+        nxt = []
+        for i in live:
+            # the next beam is the closest children, even when farther than their parents:
+            # the candidate's path can lead through a trajectory farther from it (a tie
+            # taken before the one that brings it back)
+            kept = sorted(kids[i], key=lambda c: c[0])[:_BEAM]
+            if kept and kept[0][0] < best[i][0]:
+                best[i], idle[i] = (kept[0][0], kept[0][3]), 0
+            else:
+                idle[i] += 1
+            nxt += [(i, u, f) for _, u, f, _ in kept]
+        # the ties of the new beam's trajectories (the children ran without them)
+        ties = run(nxt, True)[1] if nxt else []
+        beams = {i: [] for i in imgs}
+        for (i, u, f), tk in zip(nxt, ties):
+            beams[i].append((u, f, tk))
+    return np.array([np.abs(best[i][1] - cand[i]) <= tol for i in imgs])
 
 
 # -- L2 steps -----------------------------------------------------------------------------
@@ -485,7 +690,8 @@ def compare(model, x, y, ours, candidate, attack, kw, tie_rtol=1e-4, atol=1e-6, 
                 "to replay it")
     elif st["norm"] == "linf":
         kind = "sign"
-        classes = _tie_masks(model, x, st, tie_rtol, cand_dtype, x0)
+        classes = _tie_masks(model, x, st, tie_rtol, cand_dtype, x0, cand=cand, ref=mine,
+                             atol=atol)
     else:
         kind = "l2"
         classes, bound = _l2_masks(model, x, st, cand, cand_dtype, x0)
