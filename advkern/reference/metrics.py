@@ -28,12 +28,16 @@ def success_mask(model, x_adv, y, target=None):
     """
     x_adv = model.check_input(x_adv, "x_adv")
     y = check_labels(y, len(x_adv), model.num_classes)
-    pred = _predict(model, x_adv)
+    return _success(_predict(model, x_adv), y, target, model.num_classes)
+
+
+def _success(pred_adv, y, target, k):
+    """success_mask's rule from the predictions pred_adv (N,) on x_adv."""
     if target is None:
-        return pred != y
+        return pred_adv != y
     t = check_labels(np.broadcast_to(target, y.shape) if np.ndim(target) == 0 else target,
-                     len(y), model.num_classes, name="target")
-    return pred == t
+                     len(y), k, name="target")
+    return pred_adv == t
 
 
 def perturbation_norms(x, x_adv):
@@ -73,7 +77,8 @@ def evaluate(model, x, y, x_adv, target=None):
     y = check_labels(y, len(x), model.num_classes)
     pred = _predict(model, x)
     pred_adv = _predict(model, x_adv)
-    success = success_mask(model, x_adv, y, target)
+    # success_mask's rule from pred_adv, not from a third forward pass
+    success = _success(pred_adv, y, target, model.num_classes)
     return summarize(y, pred, pred_adv, success, perturbation_norms(x, x_adv))
 
 
