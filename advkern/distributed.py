@@ -50,6 +50,7 @@ import threading
 import time
 import uuid
 import zipfile
+from concurrent.futures import CancelledError
 
 import numpy as np
 
@@ -774,25 +775,25 @@ def _run_all(client, model, source, bounds, plans, seed, backend, retries, progr
              keep_x_adv, hook):
     dd = _dask()
     t_start = time.perf_counter()
-    model_f = None
+    mref = {"f": None}      # the scattered model's future (replaced if its data is lost)
     # several runs: each worker keeps the chunks it reads for the later runs
     token = uuid.uuid4().hex if len(plans) > 1 else None
     results = []
     try:
         for p in plans:
-            if model_f is None and len(p["done"]) < len(bounds):
-                model_f = client.scatter(model, broadcast=True, hash=False)   # once
-            results.append(_run_one(client, dd, model, model_f, source, bounds, p, seed,
+            if mref["f"] is None and len(p["done"]) < len(bounds):
+                mref["f"] = client.scatter(model, broadcast=True, hash=False)   # once
+            results.append(_run_one(client, dd, model, mref, source, bounds, p, seed,
                                     backend, retries, progress, keep_x_adv, hook, token,
                                     t_start))
             t_start = time.perf_counter()
     finally:
-        if model_f is not None:
-            client.cancel([model_f])
+        if mref["f"] is not None:
+            client.cancel([mref["f"]])
     return results
 
 
-def _run_one(client, dd, model, model_f, source, bounds, p, seed, backend, retries,
+def _run_one(client, dd, model, mref, source, bounds, p, seed, backend, retries,
              progress, keep_x_adv, hook, token, t0):
     from .attacks import AttackRun, metrics_from_info
 
@@ -807,22 +808,44 @@ def _run_one(client, dd, model, model_f, source, bounds, p, seed, backend, retri
     if resumed:
         report.done(resumed, f"{resumed} chunk(s) already in {out}")
     futures = {}
-    for i, (a, b) in enumerate(bounds):
-        if chunks[i] is not None:
-            continue
+
+    def submit(i):
+        a, b = bounds[i]
         params = dict(p["params"], **{k: v[a:b] for k, v in p["per_image"].items()})
         seeds = np.stack([np.full(b - a, seed, dtype=np.int64),
                           np.arange(a, b, dtype=np.int64)], 1)
         # a DataSource travels as names (the worker reads its rows); in-memory images as
         # the chunk's arrays
         data = source.read(a, b, model.input_shape) if source.kind == "array" else source
-        fut = client.submit(_attack_chunk, model_f, data, i, a, b, attack, params, seeds,
+        fut = client.submit(_attack_chunk, mref["f"], data, i, a, b, attack, params, seeds,
                             backend, hook, token, pure=False, retries=retries)
         futures[fut] = i
+        return fut
+
+    for i in range(len(bounds)):
+        if chunks[i] is None:
+            submit(i)
+    # A chunk whose task the scheduler cancels is submitted again: when the worker that held
+    # the scattered model's last copy dies (Dask's memory manager drops the broadcast's
+    # extra copies of a key no task is waiting for), every task that needs the model is
+    # cancelled, not retried; the model is scattered again first.
+    resubmits = [0] * len(bounds)
     try:
-        for fut in dd.as_completed(list(futures)) if futures else ():
+        ac = dd.as_completed(list(futures)) if futures else ()
+        for fut in ac:
             i = futures[fut]
-            res = fut.result()
+            try:
+                res = fut.result()
+            except CancelledError:
+                if resubmits[i] > retries:
+                    raise AdvkernError(f"chunk {i} (images {bounds[i][0]}-{bounds[i][1]}) "
+                                       f"was cancelled by the scheduler {resubmits[i]} "
+                                       f"times") from None
+                resubmits[i] += 1
+                if mref["f"].status != "finished":
+                    mref["f"] = client.scatter(model, broadcast=True, hash=False)
+                ac.add(submit(i))
+                continue
             if out is not None:
                 _save_chunk(out, res, bounds[i][0], p["digest"])
             if not keep_x_adv:

@@ -119,6 +119,44 @@ def test_killed_worker_chunk_is_rerun_and_result_unchanged(client, model, xy, tm
     client.wait_for_workers(2, timeout=120)   # the nanny's replacement, for the next tests
 
 
+def test_losing_the_models_last_copy_resubmits_and_result_unchanged(client, model, xy,
+                                                                     tmp_path, monkeypatch):
+    """Dask's memory manager may keep a broadcast key on one worker only; when that worker
+    dies the scheduler cancels every task that needs the model (no retry). Here the model
+    is scattered to one worker, which dies at its first chunk: evaluate scatters it again,
+    submits the cancelled chunks again, and the result is unchanged."""
+    x, y = xy
+    client.wait_for_workers(2, timeout=120)
+    holder = sorted(client.scheduler_info()["workers"])[0]
+    marker, log = tmp_path / "kill-once", tmp_path / "attempts"
+    marker.write_text("")
+    log.mkdir()
+    real_scatter, calls = client.scatter, []
+
+    def scatter_once_to_holder(data, **kw):
+        calls.append(kw)
+        if len(calls) == 1:               # the run's first scatter: one copy, on holder
+            return real_scatter(data, workers=[holder], broadcast=False, hash=False)
+        return real_scatter(data, **kw)
+    monkeypatch.setattr(client, "scatter", scatter_once_to_holder)
+
+    def hook(index, start, stop):        # runs on the worker, before its chunk
+        import os
+
+        from distributed import get_worker
+        (log / f"{index}-{os.getpid()}").write_text("")
+        if get_worker().address == holder and marker.exists():
+            marker.unlink()
+            os._exit(1)                  # the model's only copy dies with this worker
+
+    run = D.evaluate(model, "test", "pgd", PGD, client=client, n=N, chunk=CHUNK, seed=3,
+                     worker_hook=hook)
+    assert not marker.exists(), "the kill never happened"
+    assert len(calls) >= 2, calls        # scattered again after the loss
+    assert_same_run(run_attack(model, x, y, "pgd", seed=3, **PGD), run)
+    client.wait_for_workers(2, timeout=120)
+
+
 def test_interrupted_run_resumes(client, model, xy, tmp_path):
     x, y = xy
     out, log = tmp_path / "out", tmp_path / "calls"
