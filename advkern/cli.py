@@ -597,10 +597,11 @@ def cmd_experiment(args):
 
 def cmd_demo(args):
     from ._threads import single_threaded_blas
-    from .demo import run_demo
+    from .demo import background_compile, run_demo
 
-    with single_threaded_blas():
-        return run_demo(quick=args.quick, seed=args.seed, backend=_backend_arg(args),
+    backend = _backend_arg(args)
+    with single_threaded_blas(), background_compile(backend):
+        return run_demo(quick=args.quick, seed=args.seed, backend=backend,
                         out=None if args.no_report else args.out,
                         experiments=args.experiments)
 

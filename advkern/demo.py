@@ -11,6 +11,7 @@ class and confidence), accuracy-versus-eps curves for FGSM and PGD on both model
 and one-pixel examples with the changed pixels circled. ``quick=True`` uses fewer images.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -277,6 +278,26 @@ def _run_experiments(names, out, backend, seed, rows, recs):
     return done
 
 
+@contextlib.contextmanager
+def background_compile(backend):
+    """While the body runs, compile the demo's later numba_cpu kernels in a second process
+    (``kernels.numba_cpu.warm``) when numba's cache is cold: a fresh machine compiles them on
+    first use (~35 s on two cores, single-threaded, one core idle meanwhile). ``advkern
+    demo`` uses it; ``run_demo`` itself starts no process."""
+    warm = None
+    if backend == "numba_cpu":
+        from .kernels.numba_cpu import warm as _warm
+        warm = _warm.start()
+    try:
+        yield
+    except BaseException:
+        if warm is not None:
+            _warm.finish(warm, timeout=0)
+        raise
+    if warm is not None:
+        _warm.finish(warm)
+
+
 def run_demo(quick=False, seed=0, backend="auto", out="advkern-report", experiments="all"):
     """Run the demo, print its table, write the report folder ``out`` (None: no report).
     experiments: 'all' (default), 'none', or names of ``advkern.experiments`` (a list or a
@@ -293,23 +314,10 @@ def run_demo(quick=False, seed=0, backend="auto", out="advkern-report", experime
     _stderr(f"advkern demo: bundled MNIST (1,000 test images), attacks on the "
             f"{'NumPy reference' if backend == 'reference' else backend + ' backend'}")
     keep = {}
-    # a fresh machine compiles numba_cpu's kernels on their first use (~35 s on two cores,
-    # one core idle meanwhile): the later stages' kernels compile in a second process
-    warm = None
-    if backend == "numba_cpu":
-        from .kernels.numba_cpu import warm as _warm
-        warm = _warm.start()
-    try:
-        rows = headline_results(quick=quick, seed=seed,
-                                backend=None if backend == "reference" else backend, keep=keep)
-        recs = keep["records"]
-        exp_done = _run_experiments(exp_names, out, backend, seed, rows, recs)
-    except BaseException:
-        if warm is not None:
-            _warm.finish(warm, timeout=0)
-        raise
-    if warm is not None:
-        _warm.finish(warm)
+    rows = headline_results(quick=quick, seed=seed,
+                            backend=None if backend == "reference" else backend, keep=keep)
+    recs = keep["records"]
+    exp_done = _run_experiments(exp_names, out, backend, seed, rows, recs)
     table = [row + (_mark(rec["pass"]).strip("*"),) for row, rec in zip(rows, recs)]
     print(_table(["experiment", "model", "measured", "target", "seconds", "verdict"], table))
     seconds = time.perf_counter() - t0
