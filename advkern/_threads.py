@@ -1,4 +1,4 @@
-"""Thread settings of the fixed workloads the CLI runs (demo, experiments)."""
+"""Thread settings of the fixed workloads the CLI runs (the demo, the experiments' quick forms)."""
 
 import contextlib
 
