@@ -255,32 +255,37 @@ def _tiny_classifier(input_shape, seed=0):
     return Sequential(m.layers, input_shape, ps)
 
 
+def _check_score_gradients(clf, vae, x, y, lam, score, rng, what):
+    """detection_score_grad against detection_score: the value, dS/dx and the adaptive
+    objective CE - lam * S with its dJ/dx, by central differences."""
+    s = RV.detection_score(clf, vae, x, score=score)
+    assert (s >= 0).all() and s.max() > 1e-3
+    val, s2, g = RV.detection_score_grad(clf, vae, x, score=score)
+    np.testing.assert_allclose(val, s)
+    np.testing.assert_allclose(s2, s)
+    check_directional(lambda a: RV.detection_score(clf, vae, a, score=score).sum(), x, g, rng,
+                      scale=s.sum(), what=f"{what} dS/dx")
+    val, _, g = RV.detection_score_grad(clf, vae, x, y, lam, score=score)
+
+    def obj(a):
+        ce = -log_softmax(clf.logits(a))[np.arange(len(a)), y]
+        return (ce - lam * RV.detection_score(clf, vae, a, score=score)).sum()
+    np.testing.assert_allclose(val.sum(), obj(x), rtol=1e-12)
+    check_directional(obj, x, g, rng, scale=abs(obj(x)), what=f"{what} adaptive dJ/dx")
+
+
 @pytest.mark.parametrize("kind", ["conv", "dense"])
 def test_detection_score_and_adaptive_objective_gradients(kind):
     vae = _tiny_vae(kind, seed=2)
     clf = _tiny_classifier(vae.input_shape, seed=4)
     rng = np.random.default_rng(3)
     x = rng.uniform(0.05, 0.95, (3, *vae.input_shape))
-    y = np.array([0, 2, 3])
-    s = RV.detection_score(clf, vae, x)
     # the definition, written out
     lp = log_softmax(clf.logits(x))
     lq = log_softmax(clf.logits(RV.reconstruct(vae, x)))
-    np.testing.assert_allclose(s, np.sum(np.exp(lp) * (lp - lq), axis=1), rtol=1e-12)
-    assert (s >= 0).all() and s.max() > 1e-3
-    val, s2, g = RV.detection_score_grad(clf, vae, x)
-    np.testing.assert_allclose(val, s)
-    np.testing.assert_allclose(s2, s)
-    check_directional(lambda a: RV.detection_score(clf, vae, a).sum(), x, g, rng,
-                      scale=s.sum(), what=f"{kind} dS/dx")
-    lam = 2.5
-    val, _, g = RV.detection_score_grad(clf, vae, x, y, lam)
-
-    def obj(a):
-        ce = -log_softmax(clf.logits(a))[np.arange(3), y]
-        return (ce - lam * RV.detection_score(clf, vae, a)).sum()
-    np.testing.assert_allclose(val.sum(), obj(x), rtol=1e-12)
-    check_directional(obj, x, g, rng, scale=abs(obj(x)), what=f"{kind} adaptive dJ/dx")
+    np.testing.assert_allclose(RV.detection_score(clf, vae, x),
+                               np.sum(np.exp(lp) * (lp - lq), axis=1), rtol=1e-12)
+    _check_score_gradients(clf, vae, x, np.array([0, 2, 3]), 2.5, "classifier", rng, kind)
 
 
 @pytest.mark.parametrize("kind", ["conv", "dense"])
@@ -301,22 +306,8 @@ def test_image_score_and_its_adaptive_objective_gradients(kind):
     # gradients away from the floor (at a pixel of 0 the curvature is ~1 / c: finite
     # differences, not the gradient, break down there)
     x = rng.uniform(0.05, 0.95, (3, *vae.input_shape))
-    y = np.array([1, 0, 3])
-    s = RV.detection_score(None, vae, x, score="image")
-    assert (s >= 0).all() and s.max() > 1e-3
-    val, s2, g = RV.detection_score_grad(None, vae, x, score="image")
-    np.testing.assert_allclose(val, s)
-    np.testing.assert_allclose(s2, s)
-    check_directional(lambda v: RV.detection_score(None, vae, v, score="image").sum(), x, g,
-                      rng, scale=s.sum(), what=f"{kind} dS_img/dx")
-    lam = 3.0
-    val, _, g = RV.detection_score_grad(clf, vae, x, y, lam, score="image")
-
-    def obj(v):
-        ce = -log_softmax(clf.logits(v))[np.arange(3), y]
-        return (ce - lam * RV.detection_score(clf, vae, v, score="image")).sum()
-    np.testing.assert_allclose(val.sum(), obj(x), rtol=1e-12)
-    check_directional(obj, x, g, rng, scale=abs(obj(x)), what=f"{kind} adaptive image dJ/dx")
+    _check_score_gradients(clf, vae, x, np.array([1, 0, 3]), 3.0, "image", rng,
+                           f"{kind} image")
 
 
 def test_image_score_is_zero_for_a_perfect_reconstruction_and_unknown_scores_fail():

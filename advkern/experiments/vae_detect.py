@@ -236,8 +236,8 @@ def _positives(run, y, attack):
 def _detector(ctx, key, score, model, vae, x, y, pred, xr, advs, clean_mse=None):
     """One detector's statistics (score 'classifier' or 'image') on the clean images x and
     each attack's adversarials; returns (dict, {attack: positives' scores}, 5%-FPR
-    threshold). The dict carries the clean scores under '_clean' (for the histogram; the
-    caller removes them). clean_mse: also report the reconstruction error's AUC."""
+    threshold, clean scores (for the histogram)). clean_mse: also report the reconstruction
+    error's AUC."""
     from ..reference.vae import detection_score
     clean = detection_score(model, vae, x, score=score)
     t5 = threshold_at_fpr(clean, 0.05)
@@ -246,7 +246,7 @@ def _detector(ctx, key, score, model, vae, x, y, pred, xr, advs, clean_mse=None)
            "reconstruction_agreement": float(np.mean(model.predict(xr) == pred)),
            "clean_score_median": float(np.median(clean)),
            "clean_score_p95": t5, "threshold_5fpr": t5,
-           "fpr_at_0.3": rates(clean, [], SEED_THRESHOLD)[1], "attacks": {}, "_clean": clean}
+           "fpr_at_0.3": rates(clean, [], SEED_THRESHOLD)[1], "attacks": {}}
     hist = {}
     for attack, (xa, pos) in advs.items():
         sa = detection_score(model, vae, xa, score=score)
@@ -265,7 +265,7 @@ def _detector(ctx, key, score, model, vae, x, y, pred, xr, advs, clean_mse=None)
         ctx.log(f"  {key} {attack}, {score} score: AUC {a['auc']:.3f} (all adversarials "
                 f"{a['auc_all_adversarials']:.3f}, n={len(sp)}), detection {d03:.1%} / FPR "
                 f"{f03:.1%} at 0.3, {d5:.1%} / {f5:.1%} at {t5:.3g}")
-    return det, hist, t5
+    return det, hist, t5, clean
 
 
 def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
@@ -340,18 +340,16 @@ def run(*, models=None, out=None, backend="auto", quick=False, seed=0, log=None,
             ctx.stage(f"{key}: scores")
             xr = reconstruct(vae, x)
             clean_mse = _recon_error(vae, x)
-            for score, (dkey, akey, suffix) in SCORE_KEYS.items():
-                det, hist, t5 = _detector(ctx, key, score, model, vae, x, y, pred, xr, advs,
-                                          clean_mse if score == "classifier" else None)
+            for score, (dkey, _, suffix) in SCORE_KEYS.items():
+                mse = clean_mse if score == "classifier" else None
+                det, hist, t5, clean = _detector(ctx, key, score, model, vae, x, y, pred, xr,
+                                                 advs, mse)
                 res[dkey][key] = det
                 path = ctx.figure(f"hist_{mname}_{kind}{suffix}")
                 if path:
                     histogram_figure(f"{mname} classifier, {kind} VAE: {SCORE_LABELS[score]}",
-                                     det.pop("_clean"), hist,
-                                     {"0.3": SEED_THRESHOLD, "5% FPR": t5}, path,
-                                     xlabel=SCORE_AXES[score])
-                else:
-                    det.pop("_clean")
+                                     clean, hist, {"0.3": SEED_THRESHOLD, "5% FPR": t5},
+                                     path, xlabel=SCORE_AXES[score])
             path = ctx.figure(f"recon_{mname}_{kind}")
             if path:
                 xa, pos = advs["pgd"]

@@ -20,8 +20,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
 __all__ = ["STAGES", "is_cold", "start", "finish", "run"]
 
 
@@ -120,5 +118,4 @@ def run(stages):
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     run([s for s in sys.argv[1:] if s in STAGES])
