@@ -20,8 +20,9 @@ if EMULATED:
     import numpy as xp
 
     _OOM = (MemoryError,)
-    # Small chunks, so that the tiny test batches go through the chunked paths.
-    _KW = {"chunk_bytes": 1 << 16}
+    # Small chunks, so that the tiny test batches go through the chunked paths: 256 KiB is
+    # a few images of the tests' small cnn per chunk (one per chunk multiplied every launch).
+    _KW = {"chunk_bytes": 1 << 18}
 else:
     xp = cupy
     try:
