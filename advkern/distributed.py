@@ -401,8 +401,9 @@ def local_cluster(n_workers, *, host="127.0.0.1", pin=True, **kw):
     """A ``distributed.Client`` on a new LocalCluster of ``n_workers`` worker processes (one
     Dask thread each) bound to ``host`` (its HTTP server on a free port). pin: each worker is
     pinned to its share of this process's cores (when n_workers <= cores), so the cluster
-    uses the cores one process would. Close with ``client.close(); client.cluster.close()``.
-    kw: more LocalCluster arguments.
+    uses the cores one process would. The workers start without Dask's
+    ``MALLOC_TRIM_THRESHOLD_`` (7% of an attack's time, see below). Close with
+    ``client.close(); client.cluster.close()``. kw: more LocalCluster arguments.
     """
     dd = _dask()
     n_workers = check_int(n_workers, "n_workers")
@@ -416,8 +417,17 @@ def local_cluster(n_workers, *, host="127.0.0.1", pin=True, **kw):
     # any free port for the scheduler's HTTP server (the dashboard, when bokeh is installed),
     # not 8787: a second cluster on the machine would warn that it is taken
     kw.setdefault("dashboard_address", f"{host}:0")
-    cluster = dd.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                              host=host, env=env, **kw)
+    import dask
+
+    # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536 (its pre-spawn-environ). Like any
+    # explicit glibc malloc setting, that also pins the mmap threshold at 128 KiB, so every
+    # batch-sized temporary of an attack is a fresh mmap whose pages fault in again: 10x the
+    # page faults and 7% slower PGD-40 on the cnn (python -m bench.distributed --malloc).
+    # These workers keep glibc's defaults (None unsets a pre-spawn variable); the
+    # single-threaded BLAS settings stay.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = dd.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                  host=host, env=env, **kw)
     client = dd.Client(cluster)
     if pin:
         client.register_plugin(_PinCores(groups))

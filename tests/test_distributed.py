@@ -311,6 +311,18 @@ def test_cli_attack_and_sweep_on_the_cluster(client, model, tmp_path, capsys):
         assert err.startswith("advkern: error: ") and msg in err and err.count("\n") == 1
 
 
+def test_local_workers_keep_glibc_malloc_defaults_and_single_threaded_blas(client):
+    # MALLOC_TRIM_THRESHOLD_ (Dask's pre-spawn default) would pin glibc's mmap threshold and
+    # make every batch temporary fault its pages in again; the BLAS limits must survive.
+    envs = client.run(lambda: {k: os.environ.get(k) for k in
+                               ("MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS",
+                                "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")})
+    assert len(envs) == 2
+    for env in envs.values():
+        assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OPENBLAS_NUM_THREADS": "1",
+                       "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+
 def test_import_without_dask_and_the_error_naming_the_extra():
     # Dask made unimportable: advkern and advkern.distributed import, using it is one error
     code = ("import sys; sys.modules['distributed'] = sys.modules['dask'] = None\n"
