@@ -322,6 +322,17 @@ def test_quick_gpu_run_with_a_stand_in_backend(tmp_path, cache, monkeypatch, cap
     assert captured.err.index("numpy: ok") < captured.err.index("pgd")  # validated first
     assert "advkern GPU bench" in captured.out
     assert "rows: 2 ok, 2 FAILED, 0 skipped" in captured.out
+    # the cluster arithmetic reads the same report: the validated backend's PGD on the cnn
+    # (numpy stands in) and the square sgemm rate, in TFLOP/s
+    from bench import cluster_plan
+    rates = dict(cluster_plan.gpu_rates(str(path)))
+    assert rates == {"advkern numpy PGD on the cnn, measured": rows["pgd", "cnn"]["gflops"] / 1e3,
+                     "cuBLAS square sgemm, measured": rep["gemm"]["square"]["gflops"] / 1e3}
+    (row,) = cluster_plan.plan([("r", 33.0)], 0.1, nodes=10, gpus=8, steps=100, gflop=8.2)
+    assert row["gpu_images_s"] == pytest.approx(33e12 / (201 * 8.2e9))
+    assert row["cluster_images_s"] == pytest.approx(80 * row["gpu_images_s"] / 1.1)
+    assert row["seconds"]["ImageNet validation (50,000)"] == pytest.approx(
+        50_000 / row["cluster_images_s"])
 
 
 # -- the baselines' code, on the CPU (where torch / torchattacks are installed) ---------------
