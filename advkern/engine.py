@@ -140,9 +140,9 @@ def mi_fgsm(model, x, y, eps, alpha=None, steps=10, *, decay=1.0, targeted=False
             target=None, loss="ce", clip=(0.0, 1.0), backend="auto"):
     """MI-FGSM on a backend; arguments and result as reference ``mi_fgsm``.
 
-    Per step: one ``loss_grad``, the momentum update (``reference momentum_update``: the
-    per-image L1 norm and the update in float64, written with the backend's xp), and one
-    ``linf_step`` with the momentum as its direction (the step takes its sign).
+    Per step: one ``loss_grad`` and one ``momentum_step`` (the per-image L1 norm and the
+    momentum update in float64, as ``reference momentum_update``, then the ``linf_step``
+    along the momentum's sign).
     """
     be = _backend(backend)
     x, y, (lo, hi), e, a, steps, decay, labels, sign = _ga.check_mi_args(
@@ -159,12 +159,8 @@ def mi_fgsm(model, x, y, eps, alpha=None, steps=10, *, decay=1.0, targeted=False
     xa = x0
     for _ in range(steps):
         _, g, _ = be.loss_grad(net, xa, lab, loss)
-        g64 = (sign * g.reshape(n, -1)).astype(np.float64)
-        l1 = xp.abs(g64).sum(axis=1)
-        scale = xp.where(l1 > 0, 1.0 / xp.where(l1 > 0, l1, 1.0), 0.0)
-        mom = decay * mom + g64 * scale[:, None]
-        xa = be.linf_step(xa, mom.reshape(x.shape).astype(dt), x0, eps_d, alpha_d, lo, hi,
-                          active)
+        xa, mom = be.momentum_step(xa, g, mom, decay, sign < 0, x0, eps_d, alpha_d, lo, hi,
+                                   active)
     return be.to_host(xa)
 
 

@@ -30,9 +30,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from advkern import kernels
 from advkern.errors import AdvkernError, ShapeError
-from advkern.kernels.contract import composed_pgd_step
+from advkern.kernels.contract import composed_momentum_step, composed_pgd_step
 from advkern.nets import (RBF, Conv2D, Dense, Flatten, MaxPool2D, Maxout, ReLU, Sequential,
                           Sigmoid, Tanh)
+from advkern.reference import gradient_attacks as ga
 from advkern.reference import network
 from advkern.reference import pixel as rpx
 
@@ -523,6 +524,76 @@ def test_l1_step_matches_and_stays_in_ball_and_box(name, seed, n, shape, dtype, 
     got = run_step(be, "l1_step", args, (lo, hi, sparsity))
     ref = REF.l1_step(*args[:5], lo, hi, args[5], sparsity)
     _check_ball_box(got, ref, args, box, 1, "l1_step")
+
+
+@over_backends
+@STEP
+@given(seed=seeds, n=st.integers(0, 6), shape=st.sampled_from(_SHAPES), dtype=dtypes,
+       box=st.sampled_from(_BOXES), decay=st.sampled_from([0.0, 0.5, 1.0]), flip=st.booleans())
+def test_momentum_step_is_the_composed_step_and_the_reference(name, seed, n, shape, dtype, box,
+                                                              decay, flip):
+    """momentum_step equals composed_momentum_step on the same backend bit for bit, and the
+    reference (momentum_update, then the L-inf step): exactly where the backend's arrays are
+    NumPy's (numpy's pairwise L1 sum replicated), else the momentum to a D-term sum's
+    rounding and the image wherever the momentum's sign is clear. Inputs untouched."""
+    be = kernels.get(name)
+    rng = np.random.default_rng(seed)
+    xa, g, x0, eps, alpha, active = step_inputs(rng, n, shape, dtype, box)
+    d = int(np.prod(shape))
+    mom = rng.standard_normal((n, d)) * rng.choice([0.0, 1e-3, 1.0], size=(n, 1))
+    lo, hi = box
+    args = (xa, g, mom, x0, eps, alpha, active)
+    dev = [be.to_device(a) for a in args]
+
+    def call(fn):
+        out_x, out_m = fn(dev[0], dev[1], dev[2], decay, flip, dev[3], dev[4], dev[5], lo, hi,
+                          dev[6])
+        return host(be, out_x), host(be, out_m)
+
+    got_x, got_m = call(be.momentum_step)
+    for a, dv in zip(args, dev):
+        np.testing.assert_array_equal(host(be, dv), a, err_msg="momentum_step modified an input")
+    want_x, want_m = call(lambda *a: composed_momentum_step(be, *a))
+    assert got_x.dtype == np.dtype(dtype) and got_x.shape == xa.shape
+    assert got_m.dtype == np.float64 and got_m.shape == (n, d)
+    np.testing.assert_array_equal(bits(got_m), bits(want_m))
+    np.testing.assert_array_equal(bits(got_x), bits(want_x))
+    ref_m = ga.momentum_update((-g if flip else g).reshape(n, d), mom, decay)
+    ref_x = REF.linf_step(xa, ref_m.reshape(xa.shape).astype(dtype), x0, eps, alpha, lo, hi,
+                          active)
+    if be.xp is np:
+        np.testing.assert_array_equal(bits(got_m), bits(ref_m))
+        np.testing.assert_array_equal(bits(got_x), bits(ref_x))
+    else:
+        np.testing.assert_allclose(got_m, ref_m, rtol=4 * np.sqrt(d) * EPS[np.dtype(np.float64)],
+                                   atol=1e-300)
+        scale = np.abs(ref_m).max(axis=1, keepdims=True) if n else ref_m
+        clear = (np.abs(ref_m) > 1e-9 * scale).reshape(xa.shape)
+        np.testing.assert_array_equal(got_x[clear], ref_x[clear])
+
+
+@pytest.mark.parametrize("name", kernels.available())
+def test_momentum_step_bad_input_names_the_argument(name):
+    be = kernels.get(name)
+    xa = np.full((2, 3), 0.5)
+    g = np.array([[1.0, -2.0, 0.0], [0.0, 0.0, 0.0]])
+    mom, eps, alpha, active = np.zeros((2, 3)), np.full(2, 0.1), np.full(2, 0.01), np.ones(2, bool)
+
+    def call(g=g, mom=mom, decay=1.0):
+        d = [be.to_device(a) for a in (xa, g, mom, xa, eps, alpha, active)]
+        return be.momentum_step(d[0], d[1], d[2], decay, False, d[3], d[4], d[5], 0.0, 1.0, d[6])
+
+    for bad, err, msg in [(dict(mom=np.zeros((2, 4))), ShapeError, "mom must have shape"),
+                          (dict(mom=np.zeros((2, 3), np.float32)), AdvkernError, "mom must be"),
+                          (dict(decay=-1.0), AdvkernError, "decay must be"),
+                          (dict(decay=float("nan")), AdvkernError, "decay must be"),
+                          (dict(g=np.array([[np.nan, 1.0, 0.0], [0.0] * 3])), AdvkernError,
+                           r"contains 1 NaN/Inf")]:
+        with pytest.raises(err, match=msg):
+            call(**bad)
+    x2, m2 = call()          # the zero-gradient image: no momentum, no step
+    assert np.array_equal(host(be, m2), [[1 / 3, -2 / 3, 0.0], [0.0, 0.0, 0.0]])
+    assert np.array_equal(host(be, x2), [[0.51, 0.49, 0.5], [0.5, 0.5, 0.5]])
 
 
 @over_backends

@@ -52,6 +52,13 @@ Steps and projections (fused, elementwise; x0 is the clean batch, active (N,) bo
         linf_step / l2_step / l1_step for norm 'linf' / 'l2' / 'l1' (sparsity: l1 only).
         Exactly :func:`composed_pgd_step`, which a backend may use as it is; a backend may
         fuse the step into the gradient pass instead (numba_cpu does for 'linf').
+    momentum_step(xa, g, mom, decay, flip, x0, eps, alpha, lo, hi, active) -> (xa', mom')
+        One MI-FGSM step after its gradient g (N, *S): for every image, d = g (-g when flip;
+        a targeted attack descends) in float64, mom' = decay * mom + d / ||d||_1 (a zero d
+        adds nothing; ``reference momentum_update``), then xa' = linf_step(xa, mom' cast to
+        dt, x0, eps, alpha, lo, hi, active). mom, mom': (N, D) float64; decay: float >= 0.
+        Exactly :func:`composed_momentum_step` (numba_cpu fuses the norm, the update and the
+        cast into one pass).
 
 JSMA search (streamed: no n x n table is ever built)
     jsma_best_pair(a, b, domain, theta) -> (p (N,) int64, q (N,) int64, found (N,) bool)
@@ -80,8 +87,8 @@ from ..errors import AdvkernError, ShapeError
 
 PRIMITIVES = (
     "to_device", "to_host", "prepare", "logits", "loss_grad", "jacobian", "param_grads",
-    "linf_step", "l2_step", "l1_step", "pgd_step", "jsma_best_pair", "jsma_best_feature",
-    "de_step", "de_score",
+    "linf_step", "l2_step", "l1_step", "pgd_step", "momentum_step", "jsma_best_pair",
+    "jsma_best_feature", "de_step", "de_score",
 )
 
 _STEPS = {"linf": "linf_step", "l2": "l2_step", "l1": "l1_step"}
@@ -98,6 +105,37 @@ def composed_pgd_step(be, net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, a
     if norm == "l1":
         return step(xa, g, x0, eps, alpha, lo, hi, active, sparsity)
     return step(xa, g, x0, eps, alpha, lo, hi, active)
+
+
+def check_momentum(mom, decay, n, d, asarray):
+    """momentum_step's own arguments: mom an (n, d) float64 array, decay a finite float >= 0.
+    Returns (mom converted by asarray(a, name), decay as a float)."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(decay) or decay < 0:
+        raise AdvkernError(f"decay must be a finite number >= 0, got {decay!r}")
+    mom = asarray(mom, "mom")
+    if mom.dtype != np.float64:
+        raise AdvkernError(f"mom must be float64, got dtype {mom.dtype}")
+    if tuple(mom.shape) != (n, d):
+        raise ShapeError(f"mom must have shape ({n}, {d}) (images, features), got "
+                         f"{tuple(mom.shape)}")
+    return mom, float(decay)
+
+
+def composed_momentum_step(be, xa, g, mom, decay, flip, x0, eps, alpha, lo, hi, active):
+    """``momentum_step`` from backend be's xp and its own linf_step."""
+    xp = be.xp
+    n = xa.shape[0]
+    d = int(np.prod(xa.shape[1:], dtype=np.int64))
+    if tuple(g.shape) != tuple(xa.shape):
+        raise ShapeError(f"g must have xa's shape {tuple(xa.shape)}, got {tuple(g.shape)}")
+    mom, decay = check_momentum(mom, decay, n, d, lambda a, name: a)
+    dg = (-g if flip else g).reshape(n, d).astype(np.float64)
+    l1 = xp.abs(dg).sum(axis=1)
+    scale = xp.where(l1 > 0, 1.0 / xp.where(l1 > 0, l1, 1.0), 0.0)
+    mom = decay * mom + dg * scale[:, None]
+    step_dir = mom.reshape(xa.shape).astype(xa.dtype)
+    return be.linf_step(xa, step_dir, x0, eps, alpha, lo, hi, active), mom
 
 
 def check_step_arrays(xa, g, x0, active, asarray):

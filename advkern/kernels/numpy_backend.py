@@ -14,7 +14,7 @@ from ..reference import network as _net
 from ..reference import pixel as _pixel
 from ..reference.losses import get_loss
 from ..reference.projections import project, steepest_step
-from .contract import composed_pgd_step
+from .contract import composed_momentum_step, composed_pgd_step
 
 NAME = "numpy"
 xp = np
@@ -76,6 +76,11 @@ def l1_step(xa, g, x0, eps, alpha, lo, hi, active, sparsity):
 def pgd_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active, norm, sparsity=0.95):
     return composed_pgd_step(sys.modules[__name__], net, xa, labels, loss, flip, x0, eps,
                              alpha, lo, hi, active, norm, sparsity)
+
+
+def momentum_step(xa, g, mom, decay, flip, x0, eps, alpha, lo, hi, active):
+    return composed_momentum_step(sys.modules[__name__], np.asarray(xa), np.asarray(g),
+                                  np.asarray(mom), decay, flip, x0, eps, alpha, lo, hi, active)
 
 
 def jsma_best_pair(a, b, domain, theta):

@@ -3,7 +3,7 @@
 from .core import GpuBackend
 
 EXPORTS = ("to_device", "to_host", "prepare", "logits", "loss_grad", "jacobian", "param_grads",
-           "linf_step", "l2_step", "l1_step", "pgd_step", "jsma_best_pair",
+           "linf_step", "l2_step", "l1_step", "pgd_step", "momentum_step", "jsma_best_pair",
            "jsma_best_feature", "de_step", "de_score")
 
 

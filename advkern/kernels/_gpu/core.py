@@ -25,7 +25,7 @@ import numpy as np
 from ...errors import AdvkernError, ShapeError
 from ...reference.projections import check_sparsity, per_sample_eps
 from ..._validate import check_box
-from ..contract import check_step_arrays, composed_pgd_step
+from ..contract import check_step_arrays, composed_momentum_step, composed_pgd_step
 
 _ACTS = ("relu", "tanh", "sigmoid")
 # Bytes of scratch one chunk of rows may use (the H200 has 141 GB; chunks this size keep
@@ -587,6 +587,11 @@ class GpuBackend:
                  sparsity=0.95):
         return composed_pgd_step(self, net, xa, labels, loss, flip, x0, eps, alpha, lo, hi,
                                  active, norm, sparsity)
+
+    def momentum_step(self, xa, g, mom, decay, flip, x0, eps, alpha, lo, hi, active):
+        xp = self.xp
+        return composed_momentum_step(self, xp.asarray(xa), xp.asarray(g), xp.asarray(mom),
+                                      decay, flip, x0, eps, alpha, lo, hi, active)
 
     # ------------------------------------------------------------------ JSMA
 

@@ -19,14 +19,16 @@ from ..contract import composed_pgd_step  # noqa: E402
 from .de import de_score, de_step  # noqa: E402
 from .nn import (forward_from, jacobian, logits, loss_grad, param_grads,  # noqa: E402
                  pgd_linf_step, prepare, to_device, to_host)
-from .steps import jsma_best_feature, jsma_best_pair, l1_step, l2_step, linf_step  # noqa: E402
+from .steps import (jsma_best_feature, jsma_best_pair, l1_step, l2_step, linf_step,  # noqa: E402
+                    momentum_step)
 
 NAME = "numba_cpu"
 xp = np
 
 __all__ = ["NAME", "xp", "de_score", "de_step", "forward_from", "jacobian", "logits",
            "loss_grad", "param_grads", "pgd_step", "prepare", "to_device", "to_host",
-           "jsma_best_feature", "jsma_best_pair", "l1_step", "l2_step", "linf_step"]
+           "jsma_best_feature", "jsma_best_pair", "l1_step", "l2_step", "linf_step",
+           "momentum_step"]
 
 
 def pgd_step(net, xa, labels, loss, flip, x0, eps, alpha, lo, hi, active, norm, sparsity=0.95):
