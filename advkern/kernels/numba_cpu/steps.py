@@ -36,7 +36,8 @@ from ...reference.jsma import _check_theta
 from ...reference.projections import check_sparsity, per_sample_eps
 from ..contract import check_momentum, check_step_arrays
 
-__all__ = ["linf_step", "l2_step", "l1_step", "jsma_best_pair", "jsma_best_feature"]
+__all__ = ["linf_step", "l2_step", "l1_step", "momentum_step", "jsma_best_pair",
+           "jsma_best_feature"]
 
 # Column block of the pair search: the unit of pruning. 64 float32 = 4 AVX-512 vectors; a
 # smaller block prunes more finely, a larger one vectorises longer.
