@@ -53,16 +53,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SETTLE_S = 1.0
 
 
-def _timed(fn, repeats):
-    fn()                                           # warm-up (JIT, caches)
-    ts, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
-
-
 def _stats(x, x_adv, ok, fooled):
     d = np.sqrt(((x_adv.astype(np.float64) - x) ** 2).reshape(len(x), -1).sum(1))
     s = ok & fooled

@@ -422,13 +422,14 @@ def _momentum_kernel(g, mom, decay, flip, out_mom, out_dir):
     """MI-FGSM's momentum update per image, one pass: d = +-g in float64, the pairwise L1 norm
     of d (numpy's association, so the norm equals ``np.abs(d).sum(axis=1)`` bit for bit),
     out_mom = decay * mom + d * (1 / ||d||_1, or 0 for a zero or NaN norm), out_dir = out_mom
-    cast to g's dtype (the direction linf_step takes the sign of)."""
+    cast to g's dtype (the direction linf_step takes the sign of). out_mom's row holds |d|
+    for the norm before it holds the update (no scratch array per image)."""
     n, d = g.shape
     for k in prange(n):
-        buf = np.empty(d)
+        row = out_mom[k]
         for i in range(d):
-            buf[i] = abs(np.float64(g[k, i]))
-        l1 = _pairwise_sum(buf, d)
+            row[i] = abs(np.float64(g[k, i]))
+        l1 = _pairwise_sum(row, d)
         scale = 1.0 / l1 if l1 > 0.0 else 0.0
         for i in range(d):
             v = np.float64(g[k, i])
